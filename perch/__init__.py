@@ -1,0 +1,1 @@
+"""Perch's shared domain core: what the webhook and the analyzer both need."""

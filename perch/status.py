@@ -1,0 +1,229 @@
+"""The Canary status object (perch.dev/v1alpha1): its typed status and the object's wire shape.
+
+The status is the rollout's memory: a restarted analyzer continues from it, and the webhook reads it
+to tell a new release from one already under analysis or one that failed. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal, TypedDict, cast, get_args
+
+from perch.names import (
+    CANARY_API_VERSION,
+    CANARY_KIND,
+    LABEL_MANAGED_BY,
+    LABEL_TARGET,
+    MANAGED_BY_VALUE,
+)
+
+Phase = Literal[
+    "Initializing",
+    "Initialized",
+    "Waiting",
+    "Progressing",
+    "WaitingPromotion",
+    "Promoting",
+    "Finalising",
+    "Succeeded",
+    "Failed",
+    "Terminated",
+]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+# Phases in which a revision is being analysed or promoted: a new template then replaces it.
+ACTIVE_PHASES: frozenset[Phase] = frozenset(
+    {"Initializing", "Waiting", "Progressing", "WaitingPromotion", "Promoting", "Finalising"}
+)
+
+
+class Condition(TypedDict):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+    lastTransitionTime: str
+    lastUpdateTime: str
+
+
+def timestamp(at: datetime) -> str:
+    """RFC 3339 in UTC with a Z, second precision, as the API server prints times."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryStatus:
+    phase: Phase = "Initializing"
+    canary_weight: int = 0
+    failed_checks: int = 0
+    iterations: int = 0
+    # The revision under analysis (or last analysed), and the revision the primary runs.
+    canary_revision: str = ""
+    last_applied_revision: str = ""
+    failed_revision: str = ""
+    # How many times a newer revision replaced the one under analysis.
+    analysis_restarts: int = 0
+    phase_entered_at: str = ""
+    last_transition_time: str = ""
+    # One-shot gates (confirm-rollout, pre-rollout, ...) already passed for canary_revision.
+    gates_done: tuple[str, ...] = ()
+    conditions: tuple[Condition, ...] = field(default=())
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any] | None) -> CanaryStatus:
+        raw = raw or {}
+        phase = raw.get("phase")
+        return cls(
+            phase=cast(Phase, phase) if phase in PHASES else "Initializing",
+            canary_weight=_int(raw.get("canaryWeight")),
+            failed_checks=_int(raw.get("failedChecks")),
+            iterations=_int(raw.get("iterations")),
+            canary_revision=str(raw.get("canaryRevision") or ""),
+            last_applied_revision=str(raw.get("lastAppliedRevision") or ""),
+            failed_revision=str(raw.get("failedRevision") or ""),
+            analysis_restarts=_int(raw.get("analysisRestarts")),
+            phase_entered_at=str(raw.get("phaseEnteredAt") or ""),
+            last_transition_time=str(raw.get("lastTransitionTime") or ""),
+            gates_done=tuple(str(g) for g in raw.get("gatesDone") or ()),
+            conditions=tuple(cast(Condition, dict(c)) for c in raw.get("conditions") or ()),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "canaryWeight": self.canary_weight,
+            "failedChecks": self.failed_checks,
+            "iterations": self.iterations,
+            "canaryRevision": self.canary_revision,
+            "lastAppliedRevision": self.last_applied_revision,
+            "failedRevision": self.failed_revision,
+            "analysisRestarts": self.analysis_restarts,
+            "phaseEnteredAt": self.phase_entered_at,
+            "lastTransitionTime": self.last_transition_time,
+            "gatesDone": list(self.gates_done),
+            "conditions": [dict(c) for c in self.conditions],
+        }
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_PHASES
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _promoted_condition(*, reason: str, message: str, now: str, status: str) -> Condition:
+    return Condition(
+        type="Promoted",
+        status=cast(Literal["True", "False", "Unknown"], status),
+        reason=reason,
+        message=message,
+        lastTransitionTime=now,
+        lastUpdateTime=now,
+    )
+
+
+def initialized(*, revision: str, at: datetime) -> CanaryStatus:
+    """A newly opted-in Deployment: routes at 100 % primary, nothing to analyse."""
+    now = timestamp(at)
+    return CanaryStatus(
+        phase="Initialized",
+        last_applied_revision=revision,
+        phase_entered_at=now,
+        last_transition_time=now,
+        conditions=(
+            _promoted_condition(
+                reason="Initialized",
+                message="Deployment initialization completed.",
+                now=now,
+                status="True",
+            ),
+        ),
+    )
+
+
+def analysis_started(prev: CanaryStatus, *, revision: str, at: datetime) -> CanaryStatus:
+    """A new revision held back at admission: analysis starts from weight 0 with fresh counters.
+
+    A revision replacing one still under analysis counts as a restart, so that the history shows it.
+    """
+    now = timestamp(at)
+    restarted = prev.active and prev.canary_revision not in ("", revision)
+    return replace(
+        prev,
+        phase="Progressing",
+        canary_weight=0,
+        failed_checks=0,
+        iterations=0,
+        canary_revision=revision,
+        analysis_restarts=prev.analysis_restarts + (1 if restarted else 0),
+        phase_entered_at=now,
+        last_transition_time=now,
+        gates_done=(),
+        conditions=(
+            _promoted_condition(
+                reason="Progressing",
+                message=(
+                    f"New revision {revision} replaced {prev.canary_revision}; analysis restarted."
+                    if restarted
+                    else f"New revision {revision} detected, starting canary analysis."
+                ),
+                now=now,
+                status="Unknown",
+            ),
+        ),
+    )
+
+
+def terminated(prev: CanaryStatus, *, at: datetime) -> CanaryStatus:
+    """The Deployment opted out: Perch handed it back and stopped analysing."""
+    now = timestamp(at)
+    return replace(
+        prev,
+        phase="Terminated",
+        canary_weight=0,
+        phase_entered_at=now,
+        last_transition_time=now,
+        conditions=(
+            _promoted_condition(
+                reason="Terminated",
+                message="Opt-in removed; traffic routed to the primary and canary removed.",
+                now=now,
+                status="False",
+            ),
+        ),
+    )
+
+
+def canary_object(
+    *,
+    name: str,
+    namespace: str,
+    provider: str,
+    owner_references: list[dict[str, Any]],
+    revision: str = "",
+    template: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Canary object's metadata and spec (the status is written through its subresource)."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGED_BY_VALUE, LABEL_TARGET: name},
+    }
+    if owner_references:
+        metadata["ownerReferences"] = owner_references
+    spec: dict[str, Any] = {
+        "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "provider": provider,
+        "revision": revision,
+    }
+    if template is not None:
+        spec["template"] = dict(template)
+    return {
+        "apiVersion": CANARY_API_VERSION,
+        "kind": CANARY_KIND,
+        "metadata": metadata,
+        "spec": spec,
+    }

@@ -1,0 +1,1 @@
+"""Perch's mutating admission webhook: turns opted-in Deployment updates into canaries."""

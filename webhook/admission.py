@@ -1,0 +1,152 @@
+"""The AdmissionReview wire format (admission.k8s.io/v1): parsing requests, building responses.
+
+Pure. Anything that is not a usable AdmissionReview raises MalformedReview with a reason that names
+the field, which the HTTP shell returns as a 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict, cast
+
+from webhook.contract import MalformedReview
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+_OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT")
+# The API server truncates long warnings; keep each within what kubectl prints on one line or two.
+MAX_WARNING_CHARS = 256
+
+
+class PatchOp(TypedDict, total=False):
+    op: Literal["add", "remove", "replace", "test"]
+    path: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class GroupVersionKind:
+    group: str
+    version: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    uid: str
+    kind: GroupVersionKind
+    operation: Operation
+    namespace: str
+    name: str
+    object: Mapping[str, Any] | None
+    old_object: Mapping[str, Any] | None
+    dry_run: bool
+    username: str
+
+    @property
+    def is_deployment(self) -> bool:
+        return self.kind == GroupVersionKind("apps", "v1", "Deployment")
+
+
+def _field(
+    obj: Mapping[str, Any], key: str, path: str, kind: type, *, required: bool = True
+) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise MalformedReview(f"{path}{key} is missing")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MalformedReview(f"{path}{key} must be a {_KIND_NAMES.get(kind, kind.__name__)}")
+    return value
+
+
+_KIND_NAMES = {dict: "JSON object", str: "string", bool: "boolean", int: "integer", list: "list"}
+
+
+def parse_review(body: object) -> AdmissionRequest:
+    if not isinstance(body, Mapping):
+        raise MalformedReview("the body must be a JSON object (an AdmissionReview)")
+    if body.get("apiVersion") != API_VERSION:
+        raise MalformedReview(f"apiVersion must be {API_VERSION}, got {body.get('apiVersion')!r}")
+    if body.get("kind") != KIND:
+        raise MalformedReview(f"kind must be {KIND}, got {body.get('kind')!r}")
+    req = _field(body, "request", "", dict)
+    uid = _field(req, "uid", "request.", str)
+    if not uid:
+        raise MalformedReview("request.uid is empty")
+    kind = _field(req, "kind", "request.", dict)
+    gvk = GroupVersionKind(
+        group=_field(kind, "group", "request.kind.", str, required=False) or "",
+        version=_field(kind, "version", "request.kind.", str),
+        kind=_field(kind, "kind", "request.kind.", str),
+    )
+    operation = _field(req, "operation", "request.", str)
+    if operation not in _OPERATIONS:
+        raise MalformedReview(f"request.operation must be one of {', '.join(_OPERATIONS)}")
+    obj = _field(req, "object", "request.", dict, required=operation in ("CREATE", "UPDATE"))
+    old = _field(req, "oldObject", "request.", dict, required=operation == "UPDATE")
+    for label, value in (("request.object", obj), ("request.oldObject", old)):
+        if value is not None and not isinstance(value.get("metadata"), dict):
+            raise MalformedReview(f"{label}.metadata must be a JSON object")
+    user = _field(req, "userInfo", "request.", dict, required=False) or {}
+    return AdmissionRequest(
+        uid=uid,
+        kind=gvk,
+        operation=cast(Operation, operation),
+        namespace=_field(req, "namespace", "request.", str, required=False) or "",
+        name=_field(req, "name", "request.", str, required=False)
+        or ((obj or old or {}).get("metadata") or {}).get("name", ""),
+        object=obj,
+        old_object=old,
+        dry_run=bool(_field(req, "dryRun", "request.", bool, required=False)),
+        username=str(user.get("username") or ""),
+    )
+
+
+def request_uid(body: object) -> str | None:
+    """The request uid when it can be read, so that even a failed review can be answered."""
+    if isinstance(body, Mapping):
+        req = body.get("request")
+        if isinstance(req, Mapping) and isinstance(req.get("uid"), str) and req["uid"]:
+            return str(req["uid"])
+    return None
+
+
+def response_review(
+    *,
+    uid: str,
+    allowed: bool,
+    patch: Sequence[PatchOp] = (),
+    warnings: Sequence[str] = (),
+    message: str = "",
+    code: int = 403,
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": allowed}
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(
+            json.dumps(list(patch), separators=(",", ":")).encode()
+        ).decode()
+    if warnings:
+        response["warnings"] = [_clip(w) for w in warnings]
+    if not allowed:
+        response["status"] = {
+            "code": code,
+            "reason": "Forbidden" if code == 403 else "",
+            "message": message,
+        }
+    return {"apiVersion": API_VERSION, "kind": KIND, "response": response}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 1] + "…"
+
+
+def pointer(*parts: str) -> str:
+    """A JSON Pointer (RFC 6901) from raw keys: `perch.dev/spec` becomes `perch.dev~1spec`."""
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
