@@ -125,8 +125,15 @@ class RequestEffects:
     # Writing
 
     def perform(self, decision: Decision) -> list[str]:
-        for action in decision.actions:
-            self._perform(action)
+        # Every action converges on a desired state, so after any 409 (a racing admission, the
+        # analyzer writing) the whole request is observed and decided again, not patched up.
+        try:
+            for action in decision.actions:
+                self._perform(action)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(str(exc.reason)) from exc
+            raise
         return self.warnings
 
     def _perform(self, action: Action) -> None:
@@ -155,23 +162,18 @@ class RequestEffects:
             revision=action.revision,
             template=action.template,
         )
-        try:
-            if action.expected_resource_version is None:
-                written = self.kube.create(CANARIES, ns, body)
-            else:
-                existing = self._get(CANARIES, name) or {}
-                body["metadata"] = _keep_metadata(existing, body)
-                body["metadata"]["resourceVersion"] = action.expected_resource_version
-                written = self.kube.replace(CANARIES, ns, name, body)
-            status_body = {
-                "metadata": {"resourceVersion": resource_version(written)},
-                "status": action.status.to_wire(),
-            }
-            written = self.kube.merge_patch(CANARIES, ns, name, status_body, subresource="status")
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(str(exc.reason)) from exc
-            raise
+        if action.expected_resource_version is None:
+            written = self.kube.create(CANARIES, ns, body)
+        else:
+            existing = self._get(CANARIES, name) or {}
+            body["metadata"] = _keep_metadata(existing, body)
+            body["metadata"]["resourceVersion"] = action.expected_resource_version
+            written = self.kube.replace(CANARIES, ns, name, body)
+        status_body = {
+            "metadata": {"resourceVersion": resource_version(written)},
+            "status": action.status.to_wire(),
+        }
+        written = self.kube.merge_patch(CANARIES, ns, name, status_body, subresource="status")
         self._remember(CANARIES, name, written)
 
     def _ensure_canary_service(self) -> None:

@@ -586,6 +586,10 @@ def test_racing_updates_end_consistent(cluster: Cluster):
     revision = canary["status"]["canaryRevision"]
     assert revision in (NEW_REV, NEWER_REV)
     assert canary["spec"]["revision"] == revision
+    # The canary Deployment runs the revision the Canary object records: no mixed state.
+    canary_dep = cluster.obj("deployments", "podinfo-canary")
+    assert canary_dep["metadata"]["annotations"]["perch.dev/revision"] == revision
+    assert template_revision(canary["spec"]["template"]) == revision
 
 
 def test_malformed_review_is_400(cluster: Cluster):
