@@ -70,6 +70,8 @@ class Observations:
     control: ControlAction | None = None
     # False when the global cap on progressing canaries is reached and this one must queue.
     admitted: bool = True
+    # How many canaries hold a slot (CanaryStatus.holds_slot), for the message when not admitted.
+    progressing: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

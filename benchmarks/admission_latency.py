@@ -4,7 +4,7 @@
                                                      [--rounds 3] [--out FILE.json]
 
 Two perch-webhook servers run side by side, started with the same flags (gthread, 2 workers x 4
-threads, TLS from perch-certs, the chart's defaults otherwise):
+threads, TLS from perch-certs, perch-webhook's defaults otherwise: log level info, keep-alive):
 
 - floor: `--app benchmarks.noop_app:create_app`, Flask and gunicorn with no Perch logic;
 - perch: `--app webhook.app:create_app`, the real admitter, its KUBECONFIG pointing at the
@@ -13,18 +13,23 @@ threads, TLS from perch-certs, the chart's defaults otherwise):
 Cases, each over TLS with keep-alive connections (handshakes are not timed):
 
 - floor / perch pass-through with wrk (POST through a Lua script, `--latency`): the same ~10 KB
-  AdmissionReview every time, an UPDATE of an opted-in Deployment that changes only replicas;
+  AdmissionReview every time, an UPDATE of an opted-in Deployment that changes only replicas
+  (Perch decides it from the request alone);
 - the same two with a Python client (threads with one keep-alive HTTPSConnection each, run in a
   child process so that its GIL is not the stand-in's), the baseline of the next case;
 - perch canary spawn, Python client: every request an UPDATE with a new pod template for a
   different Deployment that was opted in beforehand (through the webhook, so its Canary object,
   canary Service and VirtualService exist) and has no canary yet; Perch reads the stand-in, writes
-  the Canary object and creates the canary Deployment and HPA.
+  the Canary object and creates the canary Deployment and HPA. Once more with 1 connection, which
+  shows the service time without queueing.
 
-Each case runs once per round; rounds alternate the order of floor and Perch, and the medians over
-rounds are reported, ratios as the median of each round's ratio (the machine is noisy: only ratios
-against the floor measured minutes apart mean anything). Every response must be 200 with
-allowed=true (a spawn also its "canary started" warning); any failure makes the exit code 1.
+The connections are spread evenly over the two gunicorn workers (see `connection_owners`), and
+each case records the CPU time the server spent per request. Each case runs once per round;
+rounds alternate the order of floor and Perch, and the medians over rounds are reported, ratios
+as the median of each round's ratio (the machine is noisy: only ratios against the floor
+measured minutes apart mean anything). Every response must be 200 with allowed=true (a spawn also
+its "canary started" warning, and its canary Deployment must exist); any failure makes the exit
+code 1. Goals are reported, not enforced.
 """
 
 from __future__ import annotations
@@ -69,7 +74,6 @@ START_DEADLINE = 60.0
 SPAWN_WARNING = "canary started for revision"
 GOAL_PASS_THROUGH_P99_RATIO = 1.3
 GOAL_SPAWN_P99_MS = 50.0
-# Both cases the pass-through ratio is taken from, per load generator.
 CASES: tuple[tuple[str, str, str], ...] = (
     # (key, label, client)
     ("floor_wrk", "floor (no-op app)", "wrk"),
@@ -77,7 +81,10 @@ CASES: tuple[tuple[str, str, str], ...] = (
     ("floor_py", "floor (no-op app)", "python"),
     ("pass_py", "perch pass-through", "python"),
     ("spawn_py", "perch canary spawn", "python"),
+    # Service time without queueing: releases seldom come 8 at once.
+    ("spawn_py_c1", "perch canary spawn, 1 conn", "python"),
 )
+SPAWN_CASES = ("spawn_py", "spawn_py_c1")
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -240,6 +247,12 @@ class Server:
     log_path: Path
     log_file: Any = field(repr=False)
 
+    def workers(self) -> list[int]:
+        return worker_pids(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds([self.process.pid, *self.workers()])
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -313,6 +326,84 @@ def start_server(
         time.sleep(0.1)
 
 
+# --- which worker holds which connection, and CPU time (Linux /proc) ----------------------------
+#
+# gunicorn's workers race to accept connections: 8 keep-alive connections often all land on one
+# of the two workers (half the threads, one core), which halves throughput and doubles p50 for
+# that run whatever the app. The clients therefore spread their connections evenly over the
+# workers (wrk by starting again until they are), so that the floor and Perch are compared under
+# the same distribution; each result records the one it ran with.
+
+BALANCE_ATTEMPTS = 60
+
+
+def worker_pids(master: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def connection_owners(port: int, pids: Sequence[int]) -> dict[int, int]:
+    """Client port -> worker pid, for each established connection to the server's `port`."""
+    peer_of_inode: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                peer_of_inode[inode] = int(remote.rsplit(":", 1)[1], 16)
+    owners: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                peer = peer_of_inode.get(target[8:-1])
+                if peer is not None:
+                    owners[peer] = pid
+    return owners
+
+
+def spread(owners: dict[int, int], pids: Sequence[int]) -> list[int]:
+    """Connections per worker, most first (workers without any count as 0)."""
+    return sorted((list(owners.values()).count(pid) for pid in pids), reverse=True)
+
+
+def balanced(counts: Sequence[int]) -> bool:
+    return not counts or max(counts) - min(counts) <= 1
+
+
 # --- wrk --------------------------------------------------------------------------------------
 
 WRK_SCRIPT = """\
@@ -359,7 +450,7 @@ end
 
 
 def run_wrk(
-    port: int, body_path: Path, script_dir: Path, *, duration: float, connections: int
+    server: Server, body_path: Path, script_dir: Path, *, duration: float, connections: int
 ) -> dict[str, Any]:
     script = script_dir / "post.lua"
     if not script.exists():
@@ -375,14 +466,29 @@ def run_wrk(
         "--latency",
         "-s",
         str(script),
-        f"https://{HOST}:{port}/mutate",
+        f"https://{HOST}:{server.port}/mutate",
     ]
-    done = subprocess.run(
-        command, check=False, capture_output=True, text=True, timeout=duration + 120
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise SystemExit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    pids = server.workers()
+    for attempt in range(1, BALANCE_ATTEMPTS + 1):
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        counts: list[int] = []
+        deadline = time.monotonic() + 5
+        while pids and time.monotonic() < deadline and process.poll() is None:
+            owners = connection_owners(server.port, pids)
+            if len(owners) >= connections:
+                counts = spread(owners, pids)
+                break
+            time.sleep(0.02)
+        if balanced(counts) or attempt == BALANCE_ATTEMPTS:
+            break
+        process.terminate()  # an uneven spread: connect again
+        process.communicate()
+    stdout, stderr = process.communicate(timeout=duration + 120)
+    line = next((x for x in stdout.splitlines() if x.startswith("WRK_RESULT ")), None)
+    if process.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({process.returncode}):\n{stdout}\n{stderr}")
     raw = json.loads(line.removeprefix("WRK_RESULT "))
     errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
     seconds = raw["duration_us"] / 1e6
@@ -397,6 +503,8 @@ def run_wrk(
         # A response that is not 200 with allowed=true, or a request that got no response.
         "failures": raw["failures"] + errors,
         "failure_samples": [f"wrk errors: {raw}"] if raw["failures"] + errors else [],
+        "connections_per_worker": counts,
+        "connect_attempts": attempt,
     }
 
 
@@ -412,6 +520,7 @@ class ClientJob:
     duration: float
     connections: int
     expect_warning: str = ""
+    workers: tuple[int, ...] = ()  # the server's worker pids, to spread the connections over
 
 
 def _percentile(ordered: Sequence[float], pct: float) -> float:
@@ -472,8 +581,36 @@ def client_process(job: ClientJob) -> dict[str, Any]:
         conn.getresponse().read()
         return conn
 
+    def open_spread() -> tuple[list[http.client.HTTPSConnection], list[int]]:
+        """`job.connections` connections, as evenly over the workers as the race allows."""
+        quota = -(-job.connections // max(1, len(job.workers)))
+        kept: list[http.client.HTTPSConnection] = []
+        surplus: list[http.client.HTTPSConnection] = []
+        per_worker: dict[int, int] = dict.fromkeys(job.workers, 0)
+        for _ in range(BALANCE_ATTEMPTS * job.connections):
+            if len(kept) == job.connections:
+                break
+            conn = connect()
+            owner = None
+            if job.workers:
+                assert conn.sock is not None
+                owner = connection_owners(job.port, job.workers).get(conn.sock.getsockname()[1])
+            if owner is None or per_worker[owner] < quota:
+                kept.append(conn)
+                if owner is not None:
+                    per_worker[owner] += 1
+            else:
+                surplus.append(conn)  # kept open until the end, so that the next goes elsewhere
+        for conn in surplus:
+            conn.close()
+        while len(kept) < job.connections:
+            kept.append(connect())
+        return kept, sorted(per_worker.values(), reverse=True)
+
+    connections, counts = open_spread()
+
     def worker(index: int) -> None:
-        conn = connect()
+        conn = connections[index]
         mine = latencies[index]
         start.wait()
         while time.perf_counter() < deadline[0]:
@@ -526,6 +663,7 @@ def client_process(job: ClientJob) -> dict[str, Any]:
         "failure_samples": samples[:5],
         "ran_out_of_bodies": exhausted.is_set(),
         "bodies_sent": consumed[0],
+        "connections_per_worker": counts,
     }
 
 
@@ -654,8 +792,17 @@ class SpawnPool:
 def canaries_spawned(standin: Any, names: Sequence[str]) -> int:
     from perch.names import canary_name
 
-    deployments = standin.objects("deployments")
-    return sum((("deployments", NAMESPACE, canary_name(n)) in deployments) for n in names)
+    with standin.emulator.lock:  # keys only: StandIn.objects() would deep-copy thousands
+        stored = set(standin.emulator.store)
+    return sum((("deployments", NAMESPACE, canary_name(n)) in stored) for n in names)
+
+
+def forget_history(standin: Any) -> None:
+    """Drop the stand-in's record of calls and changes (nothing here watches or asserts on
+    them), so that its heap, and its garbage collections, do not grow round after round."""
+    with standin.emulator.lock:
+        standin.emulator.calls.clear()
+        standin.emulator.changes.clear()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -697,7 +844,15 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             "client": client,
             "median": {
                 metric: _median([run[metric] for run in runs])
-                for metric in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "rps")
+                for metric in (
+                    "p50_ms",
+                    "p90_ms",
+                    "p99_ms",
+                    "max_ms",
+                    "rps",
+                    "server_cpu_ms_per_request",
+                    "standin_cpu_ms_per_request",
+                )
             },
             "requests": sum(run["requests"] for run in runs),
             "failures": sum(run["failures"] for run in runs),
@@ -717,6 +872,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         "spawn_p99_over_floor_python": ratio("spawn_py", "floor_py", "p99_ms"),
         "spawn_p50_over_floor_python": ratio("spawn_py", "floor_py", "p50_ms"),
         "spawn_rps_over_floor_python": ratio("spawn_py", "floor_py", "rps"),
+        "pass_cpu_over_floor_wrk": ratio("pass_wrk", "floor_wrk", "server_cpu_ms_per_request"),
     }
     spawn_p99 = cases["spawn_py"]["median"]["p99_ms"]
     goals = {
@@ -734,33 +890,41 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return {"cases": cases, "ratios": ratios, "goals": goals}
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(summary: dict[str, Any], connections: int) -> str:
     lines = [
-        f"{'case':<24} {'client':<7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>8} "
-        f"{'requests':>9} {'failures':>8}",
+        f"{'case':<28} {'client':<7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>8} "
+        f"{'CPU ms/req':>10} {'requests':>9} {'failures':>8}",
     ]
     for key, _, _ in CASES:
         case = summary["cases"][key]
         m = case["median"]
         lines.append(
-            f"{case['label']:<24} {case['client']:<7} {m['p50_ms']:>8.2f} {m['p90_ms']:>8.2f} "
-            f"{m['p99_ms']:>8.2f} {m['rps']:>8.0f} {case['requests']:>9} {case['failures']:>8}"
+            f"{case['label']:<28} {case['client']:<7} {m['p50_ms']:>8.2f} {m['p90_ms']:>8.2f} "
+            f"{m['p99_ms']:>8.2f} {m['rps']:>8.0f} {m['server_cpu_ms_per_request']:>10.2f} "
+            f"{case['requests']:>9} {case['failures']:>8}"
         )
     r = summary["ratios"]
     g = summary["goals"]
     lines += [
+        "",
+        "CPU ms/req: CPU time of the server's processes (the canary spawn's excludes the "
+        "stand-in's)",
         "",
         "ratios (median of the per-round ratios):",
         f"  pass-through / floor, wrk:    p99 {r['pass_p99_over_floor_wrk']:.2f}  "
         f"p50 {r['pass_p50_over_floor_wrk']:.2f}  req/s {r['pass_rps_over_floor_wrk']:.2f}"
         f"   (goal p99 <= {GOAL_PASS_THROUGH_P99_RATIO}: "
         f"{'met' if g['pass_through_p99_ratio']['met'] else 'NOT met'})",
+        f"  pass-through / floor, wrk:    server CPU per request "
+        f"{r['pass_cpu_over_floor_wrk']:.2f}",
         f"  pass-through / floor, python: p99 {r['pass_p99_over_floor_python']:.2f}  "
         f"p50 {r['pass_p50_over_floor_python']:.2f}  req/s {r['pass_rps_over_floor_python']:.2f}",
         f"  canary spawn / floor, python: p99 {r['spawn_p99_over_floor_python']:.2f}  "
         f"p50 {r['spawn_p50_over_floor_python']:.2f}  req/s {r['spawn_rps_over_floor_python']:.2f}",
-        f"  canary spawn p99: {g['spawn_p99_ms']['value']:.1f} ms   (goal <= "
-        f"{GOAL_SPAWN_P99_MS:.0f} ms: {'met' if g['spawn_p99_ms']['met'] else 'NOT met'})",
+        f"  canary spawn p99: {g['spawn_p99_ms']['value']:.1f} ms at {connections} connections "
+        f"(goal <= {GOAL_SPAWN_P99_MS:.0f} ms: "
+        f"{'met' if g['spawn_p99_ms']['met'] else 'NOT met'}); "
+        f"{summary['cases']['spawn_py_c1']['median']['p99_ms']:.1f} ms at 1 connection",
     ]
     return "\n".join(lines)
 
@@ -811,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = python.relative_to(REPO).as_posix() if python.is_relative_to(REPO) else str(python)
     given = list(argv) if argv is not None else sys.argv[1:]
     command = " ".join([shown, "benchmarks/admission_latency.py", *given])
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="perch-bench-"))
     servers: list[Server] = []
     log = _printer()
@@ -819,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass_body = pass_through_body()
         body_path = tmp / "pass-through.json"
         body_path.write_bytes(pass_body)
-        pass_uid = json.loads(pass_body)["request"]["uid"]
+        pass_items = [(json.loads(pass_body)["request"]["uid"], pass_body)]
         log(f"pass-through AdmissionReview: {len(pass_body)} bytes")
         with StandIn() as standin:
             kubeconfig = standin.kubeconfig(tmp / "kubeconfig")
@@ -829,105 +994,115 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers.append(perch)
             pool = SpawnPool(standin, perch.port, certs.ca, args.connections)
 
-            def fixed(port: int, duration: float) -> ClientJob:
-                return ClientJob(
-                    port=port,
-                    ca=str(certs.ca),
-                    items=[(pass_uid, pass_body)],
-                    cycle=True,
-                    duration=duration,
-                    connections=args.connections,
+            def wrk(server: Server, duration: float) -> dict[str, Any]:
+                return run_wrk(
+                    server, body_path, tmp, duration=duration, connections=args.connections
                 )
 
-            def spawn_job(items: list[tuple[str, bytes]], duration: float) -> ClientJob:
-                return ClientJob(
-                    port=perch.port,
+            def python_client(
+                server: Server,
+                duration: float,
+                items: list[tuple[str, bytes]] = pass_items,
+                expect_warning: str = "",
+                connections: int = args.connections,
+            ) -> dict[str, Any]:
+                job = ClientJob(
+                    port=server.port,
                     ca=str(certs.ca),
                     items=items,
-                    cycle=False,
+                    cycle=items is pass_items,
                     duration=duration,
-                    connections=args.connections,
-                    expect_warning=SPAWN_WARNING,
+                    connections=connections,
+                    expect_warning=expect_warning,
+                    workers=tuple(server.workers()),
                 )
+                return run_client(job)
+
+            def spawn(duration: float, connections: int) -> dict[str, Any]:
+                items = pool.take(len(pool.ready))
+                calls_before = len(standin.emulator.calls)
+                result = measure(
+                    perch,
+                    lambda: python_client(perch, duration, items, SPAWN_WARNING, connections),
+                )
+                sent = items[: result["bodies_sent"]]
+                pool.give_back(items[result["bodies_sent"] :])
+                result["api_calls_per_request"] = round(
+                    (len(standin.emulator.calls) - calls_before) / max(1, result["requests"]), 1
+                )
+                # Every answered request must have made its canary Deployment in the stand-in.
+                result["canary_deployments_created"] = canaries_spawned(
+                    standin, [_name_of(body) for _, body in sent]
+                )
+                forget_history(standin)
+                return result
+
+            def measure(server: Server, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+                """`run`, with the CPU time the server and the stand-in (this process) spent."""
+                server_cpu, standin_cpu = server.cpu_seconds(), time.process_time()
+                result = run()
+                requests = max(1, result["requests"])
+                result["server_cpu_ms_per_request"] = (
+                    (server.cpu_seconds() - server_cpu) * 1000 / requests
+                )
+                result["standin_cpu_ms_per_request"] = (
+                    (time.process_time() - standin_cpu) * 1000 / requests
+                )
+                return result
 
             # Warm-up: every server, path and client once, untimed; it also sizes the spawn pool.
             warm_failures = 0
             for server in (floor, perch):
-                warm_failures += run_wrk(
-                    server.port, body_path, tmp, duration=args.warmup, connections=args.connections
-                )["failures"]
-                warm_failures += run_client(fixed(server.port, args.warmup))["failures"]
+                warm_failures += wrk(server, args.warmup)["failures"]
+                warm_failures += python_client(server, args.warmup)["failures"]
             pool.top_up(max(50, args.connections * 10))
-            items = pool.take(len(pool.ready))
-            warm = run_client(spawn_job(items, args.warmup))
-            pool.give_back(items[warm["bodies_sent"] :])
+            warm = spawn(args.warmup, args.connections)
+            forget_history(standin)
             warm_failures += warm["failures"]
             if warm_failures:
-                log(f"warm-up had {warm_failures} failures: {warm.get('failure_samples')}")
-            # Enough opted-in Deployments that a round never runs out (checked below).
-            per_round = math.ceil(max(warm["rps"], 20) * args.duration * 1.6) + 50
-            log(
-                f"canary spawn warm-up: {warm['rps']:.0f} req/s; {per_round} Deployments "
-                "opted in before each round"
-            )
+                log(f"warm-up had {warm_failures} failures: {warm['failure_samples']}")
+            spawn_rps = {"spawn_py": warm["rps"], "spawn_py_c1": warm["rps"] / 2}
 
             rounds: list[dict[str, dict[str, Any]]] = []
             for index in range(args.rounds):
-                results: dict[str, dict[str, Any]] = {}
+                # Enough opted-in Deployments that the round does not run out (it is reported).
+                wanted = sum(
+                    math.ceil(max(rate, 10) * args.duration * 1.3) + 20
+                    for rate in spawn_rps.values()
+                )
                 seed_began = time.perf_counter()
-                pool.top_up(per_round)
+                pool.top_up(wanted)
                 log(
-                    f"round {index + 1}/{args.rounds}: opted in {per_round} Deployments in "
-                    f"{time.perf_counter() - seed_began:.1f}s"
+                    f"round {index + 1}/{args.rounds}: {wanted} Deployments opted in and ready "
+                    f"to spawn a canary ({time.perf_counter() - seed_began:.1f}s)"
                 )
                 steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                    ("floor_wrk", lambda: measure(floor, lambda: wrk(floor, args.duration))),
+                    ("pass_wrk", lambda: measure(perch, lambda: wrk(perch, args.duration))),
                     (
-                        "floor_wrk",
-                        lambda: run_wrk(
-                            floor.port,
-                            body_path,
-                            tmp,
-                            duration=args.duration,
-                            connections=args.connections,
-                        ),
+                        "floor_py",
+                        lambda: measure(floor, lambda: python_client(floor, args.duration)),
                     ),
                     (
-                        "pass_wrk",
-                        lambda: run_wrk(
-                            perch.port,
-                            body_path,
-                            tmp,
-                            duration=args.duration,
-                            connections=args.connections,
-                        ),
+                        "pass_py",
+                        lambda: measure(perch, lambda: python_client(perch, args.duration)),
                     ),
-                    ("floor_py", lambda: run_client(fixed(floor.port, args.duration))),
-                    ("pass_py", lambda: run_client(fixed(perch.port, args.duration))),
                 ]
                 if index % 2:  # Perch first in every other round: drift falls on both sides
                     steps = [steps[1], steps[0], steps[3], steps[2]]
-                for key, step in steps:
-                    results[key] = step()
+                steps.append(("spawn_py", lambda: spawn(args.duration, args.connections)))
+                steps.append(("spawn_py_c1", lambda: spawn(args.duration, 1)))
+                results: dict[str, dict[str, Any]] = {}
+                for key, run in steps:
+                    results[key] = run()
                     _log_case(log, index, key, results[key])
-                items = pool.take(len(pool.ready))
-                calls_before = len(standin.emulator.calls)
-                results["spawn_py"] = run_client(spawn_job(items, args.duration))
-                spawn = results["spawn_py"]
-                spawn["api_calls_per_request"] = round(
-                    (len(standin.emulator.calls) - calls_before) / max(1, spawn["requests"]), 1
-                )
-                sent, unused = items[: spawn["bodies_sent"]], items[spawn["bodies_sent"] :]
-                pool.give_back(unused)
-                # Every answered request must have made its canary Deployment in the stand-in.
-                spawn["canary_deployments_created"] = canaries_spawned(
-                    standin, [_name_of(body) for _, body in sent]
-                )
-                if spawn["ran_out_of_bodies"]:
-                    log(
-                        "  (the canary-spawn case used every prepared Deployment before the "
-                        "duration ended; its req/s is over the time it ran)"
-                    )
-                _log_case(log, index, "spawn_py", spawn)
+                for key in SPAWN_CASES:
+                    if results[key]["ran_out_of_bodies"]:
+                        log(
+                            f"  ({key} used every prepared Deployment before the duration "
+                            "ended; its req/s is over the time it ran)"
+                        )
+                    spawn_rps[key] = max(spawn_rps[key], results[key]["rps"])
                 rounds.append(results)
             crashes = standin.crashes()
         for server in servers:
@@ -942,8 +1117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"logs and certificates kept in {tmp}", file=sys.stderr)
 
     summary = summarize(rounds)
-    spawned = sum(r["spawn_py"]["canary_deployments_created"] for r in rounds)
-    answered = sum(r["spawn_py"]["requests"] - r["spawn_py"]["failures"] for r in rounds)
+    spawned = sum(r[k]["canary_deployments_created"] for r in rounds for k in SPAWN_CASES)
+    answered = sum(r[k]["requests"] - r[k]["failures"] for r in rounds for k in SPAWN_CASES)
     failures = sum(case["failures"] for case in summary["cases"].values()) + warm_failures
     problems: list[str] = []
     if spawned < answered:
@@ -955,7 +1130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "date": started.isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine(),
+        # Other work on the machine shows here; only the ratios are comparable across runs.
+        "machine": {
+            **machine(),
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "settings": {
             "duration_s": args.duration,
             "connections": args.connections,
@@ -969,7 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "problems": problems,
     }
     print()
-    print(table(summary))
+    print(table(summary, args.connections))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.out}")
@@ -995,7 +1175,8 @@ def _log_case(log: Callable[[str], None], index: int, key: str, result: dict[str
     log(
         f"  round {index + 1} {key:<9} p50 {result['p50_ms']:6.2f} ms  p99 "
         f"{result['p99_ms']:6.2f} ms  {result['rps']:7.0f} req/s  {result['requests']} requests"
-        f"  failures {result['failures']}"
+        f"  failures {result['failures']}  server CPU {result['server_cpu_ms_per_request']:.2f} "
+        f"ms/request  connections per worker {result.get('connections_per_worker')}"
     )
 
 

@@ -49,3 +49,8 @@ def canary_name(primary: str) -> str:
 def is_opted_in(annotations: dict[str, str] | None) -> bool:
     # Exactly "true", as the registration's matchConditions test it, so both agree on who is in.
     return (annotations or {}).get(ANNOTATION_ENABLED) == "true"
+
+
+def json_pointer(*parts: str) -> str:
+    """A JSON Pointer (RFC 6901) from raw keys: `perch.dev/spec` becomes `perch.dev~1spec`."""
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)

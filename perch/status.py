@@ -36,6 +36,8 @@ PHASES: tuple[Phase, ...] = get_args(Phase)
 ACTIVE_PHASES: frozenset[Phase] = frozenset(
     {"Initializing", "Waiting", "Progressing", "WaitingPromotion", "Promoting", "Finalising"}
 )
+# Phases in which the analyzer judges the canary (before the template is copied into the primary).
+ANALYSING_PHASES: frozenset[Phase] = frozenset({"Waiting", "Progressing", "WaitingPromotion"})
 
 
 class Condition(TypedDict):
@@ -69,6 +71,16 @@ class CanaryStatus:
     # One-shot gates (confirm-rollout, pre-rollout, ...) already passed for canary_revision.
     gates_done: tuple[str, ...] = ()
     conditions: tuple[Condition, ...] = field(default=())
+    # perch.dev/action=pause: no progress (safety rollbacks still happen) until resume.
+    paused: bool = False
+    # The canary_revision the analyzer has taken up (it then holds a slot of the global cap). The
+    # progress fields above belong to it: when it differs from canary_revision they are stale, and
+    # the analyzer starts the analysis over.
+    analysed_revision: str = ""
+    # Since when the canary (primary) has not been seen ready, RFC 3339; "" when it was ready at the
+    # last tick. The readiness deadlines (progressDeadlineSeconds) are measured from these.
+    canary_unready_since: str = ""
+    primary_unready_since: str = ""
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any] | None) -> CanaryStatus:
@@ -87,6 +99,10 @@ class CanaryStatus:
             last_transition_time=str(raw.get("lastTransitionTime") or ""),
             gates_done=tuple(str(g) for g in raw.get("gatesDone") or ()),
             conditions=tuple(cast(Condition, dict(c)) for c in raw.get("conditions") or ()),
+            paused=raw.get("paused") is True,
+            analysed_revision=str(raw.get("analysedRevision") or ""),
+            canary_unready_since=str(raw.get("canaryUnreadySince") or ""),
+            primary_unready_since=str(raw.get("primaryUnreadySince") or ""),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -103,11 +119,24 @@ class CanaryStatus:
             "lastTransitionTime": self.last_transition_time,
             "gatesDone": list(self.gates_done),
             "conditions": [dict(c) for c in self.conditions],
+            "paused": self.paused,
+            "analysedRevision": self.analysed_revision,
+            "canaryUnreadySince": self.canary_unready_since,
+            "primaryUnreadySince": self.primary_unready_since,
         }
 
     @property
     def active(self) -> bool:
         return self.phase in ACTIVE_PHASES
+
+    @property
+    def holds_slot(self) -> bool:
+        """Counts against the global cap on canaries progressing at once: taken up and not done.
+
+        A canary queued for a slot (phase Waiting, not yet taken up) does not hold one.
+        """
+        taken_up = self.analysed_revision == self.canary_revision
+        return self.active and self.canary_revision != "" and taken_up
 
 
 def _int(value: Any) -> int:
@@ -122,6 +151,39 @@ def _promoted_condition(*, reason: str, message: str, now: str, status: str) -> 
         message=message,
         lastTransitionTime=now,
         lastUpdateTime=now,
+    )
+
+
+# The Promoted condition of each phase, as Flagger words it.
+_PHASE_CONDITION: dict[Phase, tuple[Literal["True", "False", "Unknown"], str]] = {
+    "Initializing": ("Unknown", "Initializing."),
+    "Initialized": ("True", "Deployment initialization completed."),
+    "Waiting": ("Unknown", "Waiting for approval."),
+    "Progressing": ("Unknown", "New revision detected, progressing canary analysis."),
+    "WaitingPromotion": ("Unknown", "Waiting for approval."),
+    "Promoting": ("Unknown", "Canary analysis completed, starting primary rolling update."),
+    "Finalising": ("Unknown", "Canary analysis completed, routing all traffic to primary."),
+    "Succeeded": ("True", "Canary analysis completed successfully, promotion finished."),
+    "Failed": ("False", "Canary analysis failed, Deployment scaled to zero."),
+    "Terminated": ("False", "Opt-in removed; traffic routed to the primary and canary removed."),
+}
+
+
+def entered(prev: CanaryStatus, phase: Phase, *, at: datetime, message: str = "") -> CanaryStatus:
+    """`prev` moved into `phase` at `at`: the entry time and the Promoted condition follow.
+
+    `message` overrides the phase's usual condition message (e.g. why a canary waits).
+    """
+    now = timestamp(at)
+    status, usual = _PHASE_CONDITION[phase]
+    return replace(
+        prev,
+        phase=phase,
+        phase_entered_at=now,
+        last_transition_time=now,
+        conditions=(
+            _promoted_condition(reason=phase, message=message or usual, now=now, status=status),
+        ),
     )
 
 
@@ -162,6 +224,11 @@ def analysis_started(prev: CanaryStatus, *, revision: str, at: datetime) -> Cana
         phase_entered_at=now,
         last_transition_time=now,
         gates_done=(),
+        # Not yet taken up by the analyzer: it starts this revision's analysis (and its deadlines)
+        # afresh, even when the same revision comes back (A, then B, then A again).
+        analysed_revision="",
+        canary_unready_since="",
+        primary_unready_since="",
         conditions=(
             _promoted_condition(
                 reason="Progressing",

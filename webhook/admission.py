@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, cast
 
+from perch.names import json_pointer
 from webhook.contract import MalformedReview
 
 API_VERSION = "admission.k8s.io/v1"
@@ -147,6 +148,5 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 1] + "…"
 
 
-def pointer(*parts: str) -> str:
-    """A JSON Pointer (RFC 6901) from raw keys: `perch.dev/spec` becomes `perch.dev~1spec`."""
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+# JSON Pointers for patch paths; shared with the analyzer through the core.
+pointer = json_pointer

@@ -387,7 +387,8 @@ class Adopter:
                 )
 
     def _remove_orphans(self) -> None:
-        for res, name in self.owned:
+        # The Canary object goes last: while it exists, the rest is still findable through it.
+        for res, name in reversed(self.owned):
             obj = self.kube.get(res, self.namespace, name)
             if (
                 obj is not None

@@ -290,10 +290,12 @@ def _new_revision(
     record = observed.canary
     status = record.status if record else CanaryStatus()
 
+    # The analyzer's mark: it copies the canary's template in (promotion), or puts the last good
+    # template back when a promotion fails (restore). Either way only while it is promoting.
     if (
         annotations.get(ANNOTATION_PROMOTED_REVISION) == new_rev
         and record is not None
-        and record.revision == new_rev
+        and new_rev in (record.revision, status.last_applied_revision)
         and status.phase == "Promoting"
     ):
         patch = _set_annotations(

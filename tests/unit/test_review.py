@@ -185,6 +185,20 @@ def test_promotion_mark_lets_template_through():
     assert result["metadata"]["annotations"]["perch.dev/revision"] == NEW_REV
 
 
+def test_restore_mark_puts_the_last_good_template_back():
+    # Promotion copied NEW into the primary and it never became ready: the analyzer restores.
+    old = podinfo(image=IMAGE_NEW)
+    new = podinfo()
+    new["metadata"]["annotations"]["perch.dev/promoted-revision"] = STABLE_REV
+    promoting = CanaryStatus(
+        phase="Promoting", canary_revision=NEW_REV, last_applied_revision=STABLE_REV
+    )
+    body = update(new, old)
+    d = decide(body, record(promoting, NEW_REV))
+    assert d.reason == "promotion"
+    assert patched(body, d)["spec"]["template"] == podinfo()["spec"]["template"]
+
+
 @pytest.mark.parametrize("phase", ["Progressing", "Failed", "Succeeded"])
 def test_promotion_mark_outside_promoting_is_not_a_bypass(phase):
     new = podinfo(image=IMAGE_NEW)

@@ -1,0 +1,186 @@
+"""Performs the actions step() decided, against the Kubernetes API and the outside world.
+
+Every Kubernetes write here converges on a desired state (weights, replicas, a template), so a tick
+repeated after a crash between an action and the status write does no harm.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from analyzer.events import EventRecorder
+from analyzer.notify import Notifications, spec_context
+from analyzer.model import (
+    Action,
+    CallGates,
+    ClearControl,
+    Event,
+    Notify,
+    PromoteTemplate,
+    RestorePrimary,
+    ScaleCanary,
+    SetWeights,
+)
+from perch.names import (
+    ANNOTATION_ACTION,
+    ANNOTATION_PROMOTED_REVISION,
+    LABEL_MANAGED_BY,
+    MANAGED_BY_VALUE,
+    canary_name,
+    json_pointer,
+)
+from perch.objects import owner_reference
+from perch.resources import CANARIES, DEPLOYMENTS, Kube, Resource, resource_version
+from perch.routers import RouteTarget, router_for
+from perch.spec import CanarySpec, WebhookType
+from perch.status import CanaryStatus
+
+log = logging.getLogger("perch.analyzer")
+
+
+class GateCaller(Protocol):
+    def fire(
+        self, spec: CanarySpec, *, type_: WebhookType, name: str, namespace: str, phase: str, checksum: str
+    ) -> None:
+        """Call the spec's gates of this type without waiting for or judging the answer."""
+        ...
+
+
+@dataclass
+class TickContext:
+    namespace: str
+    name: str
+    spec: CanarySpec
+    canary: dict[str, Any]  # the Canary object as read at the start of the tick
+    primary: dict[str, Any]  # the primary Deployment as read at the start of the tick
+    status: CanaryStatus  # the status after the step
+
+
+class Actor:
+    def __init__(
+        self, kube: Kube, *, events: EventRecorder, gates: GateCaller, notifier: Notifications
+    ) -> None:
+        self.kube = kube
+        self.events = events
+        self.gates = gates
+        self.notifier = notifier
+
+    def perform(self, ctx: TickContext, actions: tuple[Action, ...]) -> None:
+        for action in actions:
+            match action:
+                case SetWeights():
+                    self.set_weights(ctx, canary=action.canary)
+                case ScaleCanary():
+                    self.scale_canary(ctx, replicas=action.replicas)
+                case PromoteTemplate():
+                    self.promote(ctx, revision=action.revision)
+                case RestorePrimary():
+                    self.restore(ctx, revision=action.revision)
+                case CallGates():
+                    self.gates.fire(
+                        ctx.spec,
+                        type_=action.type,
+                        name=ctx.name,
+                        namespace=ctx.namespace,
+                        phase=action.phase,
+                        checksum=ctx.status.canary_revision,
+                    )
+                case Event():
+                    self.events.record(
+                        ctx.canary, reason=action.reason, message=action.message, type_=action.type
+                    )
+                case Notify():
+                    context = spec_context(ctx.spec)
+                    context["canary"] = ctx.name
+                    context["namespace"] = ctx.namespace
+                    context["revision"] = ctx.status.canary_revision
+                    context["phase"] = ctx.status.phase
+                    context["weight"] = ctx.status.canary_weight
+                    context["failed_checks"] = ctx.status.failed_checks
+                    self.notifier.send(
+                        action.kind, action.message, alerts=ctx.spec.analysis.alerts, **context
+                    )
+                case ClearControl():
+                    self.clear_control(ctx)
+
+    def set_weights(self, ctx: TickContext, *, canary: int) -> None:
+        target = RouteTarget(
+            name=ctx.name, namespace=ctx.namespace, owner_references=tuple(owner_reference(ctx.primary))
+        )
+        router = router_for(ctx.spec.provider)
+        refs = {(r.kind, r.name): r for r in router.refs(target, ctx.spec)}
+        for desired in router.build(target, ctx.spec, canary_weight=canary):
+            ref = refs[(desired["kind"], desired["metadata"]["name"])]
+            res = Resource(ref.group, ref.version, ref.plural)
+            existing = self.kube.get(res, ctx.namespace, ref.name)
+            if existing is None:
+                self.kube.create(res, ctx.namespace, desired)
+                continue
+            labels = (existing.get("metadata") or {}).get("labels") or {}
+            if labels.get(LABEL_MANAGED_BY) != MANAGED_BY_VALUE:
+                raise RouteNotOurs(f"{ref.kind} {ctx.namespace}/{ref.name} is not managed by Perch")
+            if existing.get("spec") == desired["spec"]:
+                continue
+            body = copy.deepcopy(existing)
+            body.pop("status", None)
+            body["spec"] = desired["spec"]
+            self.kube.replace(res, ctx.namespace, ref.name, body)
+
+    def scale_canary(self, ctx: TickContext, *, replicas: int | None) -> None:
+        if replicas is None:
+            replicas = int((ctx.primary.get("spec") or {}).get("replicas") or 1)
+        cname = canary_name(ctx.name)
+        if self.kube.get(DEPLOYMENTS, ctx.namespace, cname) is None:
+            return
+        self.kube.merge_patch(DEPLOYMENTS, ctx.namespace, cname, {"spec": {"replicas": replicas}})
+
+    def promote(self, ctx: TickContext, *, revision: str) -> None:
+        template = (ctx.canary.get("spec") or {}).get("template")
+        if not isinstance(template, dict):
+            raise PromotionError(f"the Canary {ctx.namespace}/{ctx.name} holds no template to promote")
+        primary_template = (ctx.primary.get("spec") or {}).get("template") or {}
+        # Save the last good template first: a promotion that fails puts it back.
+        if (ctx.canary.get("spec") or {}).get("stableTemplate") != primary_template:
+            self.kube.merge_patch(
+                CANARIES,
+                ctx.namespace,
+                ctx.name,
+                {"spec": {"stableTemplate": primary_template, "stableRevision": ctx.status.last_applied_revision}},
+            )
+        self._replace_primary_template(ctx, template=template, mark=revision)
+
+    def restore(self, ctx: TickContext, *, revision: str) -> None:
+        stable = (ctx.canary.get("spec") or {}).get("stableTemplate")
+        if not isinstance(stable, dict):
+            raise PromotionError(f"no saved template to restore for {ctx.namespace}/{ctx.name}")
+        self._replace_primary_template(ctx, template=stable, mark=revision)
+
+    def _replace_primary_template(self, ctx: TickContext, *, template: Mapping[str, Any], mark: str) -> None:
+        # JSON patch, not merge patch: a merge patch would keep map keys the new template dropped.
+        ops: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version(ctx.primary)},
+            {"op": "replace", "path": "/spec/template", "value": dict(template)},
+        ]
+        annotations = (ctx.primary.get("metadata") or {}).get("annotations")
+        if annotations is None:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+        ops.append(
+            {"op": "add", "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION), "value": mark}
+        )
+        self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
+
+    def clear_control(self, ctx: TickContext) -> None:
+        body = {"metadata": {"annotations": {ANNOTATION_ACTION: None}}}
+        self.kube.merge_patch(DEPLOYMENTS, ctx.namespace, ctx.name, body)
+
+
+class RouteNotOurs(Exception):
+    """A route under Perch's name was made by someone else; Perch does not overwrite it."""
+
+
+class PromotionError(Exception):
+    """What a promotion needs is missing from the Canary object."""

@@ -1,0 +1,446 @@
+"""A watch-fed cache of Canary objects and the Deployments they concern.
+
+The analyzer ticks every canary every interval; a GET per tick per object would multiply API load
+by the number of canaries. Instead one list+watch per kind (and per namespace, when the analyzer is
+limited to some) keeps a local copy current, the way client-go's informers do:
+
+- list (in pages) → remember the list's resourceVersion → watch from it, with a server-side
+  timeout so that a silently dead connection cannot freeze the copy;
+- a watch stream that ends normally is resumed from the last resourceVersion seen (client-go's
+  reflector does the same; re-listing every few minutes would re-read every Deployment);
+- 410 Gone (an ERROR event, or an expired ``continue`` token) → list again at once;
+- any other ERROR event or API error on the watch → list again after a backoff;
+- a connection error → resume the watch after a backoff (the resourceVersion is still good;
+  if it has expired meanwhile, the API server says 410 and the cache re-lists).
+
+The backoff is exponential with jitter and bounded, so that an API outage is not met with a storm
+of requests from every replica. A re-list is compared with the copy and reported as ADDED,
+MODIFIED and DELETED, so a subscriber never misses a deletion that happened while disconnected.
+
+Deployments: every Deployment in the watched namespaces is watched (there is no annotation
+selector in the API) and only the relevant ones are kept: opted-in primaries and the canary copies
+Perch made (so the analyzer can read canary readiness from the cache too). A Deployment that stops
+being relevant (opt-out) is reported as DELETED.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from perch.kube import describe_api_error, response_json
+from perch.names import (
+    CANARY_PLURAL,
+    GROUP,
+    LABEL_MANAGED_BY,
+    LABEL_TRACK,
+    MANAGED_BY_VALUE,
+    TRACK_CANARY,
+    is_opted_in,
+)
+
+__all__ = [
+    "EventType",
+    "Kind",
+    "Listener",
+    "WatchCache",
+    "is_relevant_deployment",
+]
+
+Kind = Literal["Canary", "Deployment"]
+EventType = Literal["ADDED", "MODIFIED", "DELETED"]
+Listener = Callable[[Kind, EventType, dict[str, Any]], None]
+Key = tuple[str, str]  # (namespace, name)
+
+CANARY_VERSION: Final = "v1alpha1"
+# client-go's reflector picks 5-10 minutes; the API server caps watches at about 30 minutes.
+DEFAULT_WATCH_TIMEOUT_SECONDS: Final = 300
+DEFAULT_PAGE_SIZE: Final = 500
+DEFAULT_REQUEST_TIMEOUT: Final = 30.0
+DEFAULT_BACKOFF_INITIAL: Final = 0.5
+DEFAULT_BACKOFF_MAX: Final = 30.0
+# A watch is silent until something changes and the server ends it at timeoutSeconds; a read that
+# stays silent past that plus this margin means the connection died without a FIN.
+_WATCH_READ_MARGIN: Final = 30.0
+_SHORT_WATCH_SECONDS: Final = 0.5
+_API_VERSIONS: Final[Mapping[Kind, str]] = {
+    "Canary": f"{GROUP}/{CANARY_VERSION}",
+    "Deployment": "apps/v1",
+}
+
+log = logging.getLogger("perch.analyzer.cache")
+
+
+def is_relevant_deployment(obj: Mapping[str, Any]) -> bool:
+    """An opted-in primary, or a canary copy Perch created."""
+    meta = obj.get("metadata") or {}
+    if is_opted_in(meta.get("annotations")):
+        return True
+    labels = meta.get("labels") or {}
+    return labels.get(LABEL_MANAGED_BY) == MANAGED_BY_VALUE and labels.get(LABEL_TRACK) == (
+        TRACK_CANARY
+    )
+
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _rv(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+@dataclass(kw_only=True)
+class _Source:
+    """One list+watch: a kind, in one namespace or in all of them."""
+
+    kind: Kind
+    namespace: str | None
+    call: Callable[..., Any]  # the typed client's list function, used for list and watch
+    args: tuple[str, ...]
+    synced: bool = False
+    rv: str | None = None  # where the watch resumes; None: list first
+    watcher: watch.Watch | None = field(default=None, repr=False)
+
+    def in_scope(self, key: Key) -> bool:
+        return self.namespace is None or key[0] == self.namespace
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} in {self.namespace or 'all namespaces'}"
+
+
+class _Backoff:
+    """Exponential with jitter, bounded; the wait ends early when the cache stops."""
+
+    def __init__(self, *, initial: float, maximum: float, stopping: threading.Event) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._failures = 0
+        self._stopping = stopping
+
+    def reset(self) -> None:
+        self._failures = 0
+
+    def wait(self, *, first_free: bool = False) -> None:
+        self._failures += 1
+        if first_free and self._failures == 1:
+            return
+        ceiling = min(self._maximum, self._initial * 2 ** min(self._failures - 1, 30))
+        # Half fixed, half random: replicas that failed together do not retry together.
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not a secret
+        self._stopping.wait(delay)
+
+
+class WatchCache:
+    """The latest Canary objects and relevant Deployments, kept current by list+watch threads.
+
+    Read from any thread. Objects handed out are copies: the tick code may edit what it reads
+    (to compute a patch) without corrupting the cache or the next diff.
+    """
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        namespaces: Sequence[str] | None = None,
+        keep_deployment: Callable[[Mapping[str, Any]], bool] = is_relevant_deployment,
+        watch_timeout_seconds: int = DEFAULT_WATCH_TIMEOUT_SECONDS,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+    ) -> None:
+        if namespaces is not None and not namespaces:
+            raise ValueError("namespaces: give at least one, or None for all namespaces")
+        if watch_timeout_seconds < 1:
+            raise ValueError("watch_timeout_seconds must be at least 1")
+        self._keep_deployment = keep_deployment
+        self._watch_timeout = int(watch_timeout_seconds)
+        self._request_timeout = request_timeout
+        self._page_size = page_size
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+
+        crs = client.CustomObjectsApi(api_client)
+        apps = client.AppsV1Api(api_client)
+        self._sources: list[_Source] = []
+        for namespace in namespaces if namespaces is not None else [None]:
+            if namespace is None:
+                self._sources += [
+                    _Source(
+                        kind="Canary",
+                        namespace=None,
+                        call=crs.list_cluster_custom_object,
+                        args=(GROUP, CANARY_VERSION, CANARY_PLURAL),
+                    ),
+                    _Source(
+                        kind="Deployment",
+                        namespace=None,
+                        call=apps.list_deployment_for_all_namespaces,
+                        args=(),
+                    ),
+                ]
+            else:
+                self._sources += [
+                    _Source(
+                        kind="Canary",
+                        namespace=namespace,
+                        call=crs.list_namespaced_custom_object,
+                        args=(GROUP, CANARY_VERSION, namespace, CANARY_PLURAL),
+                    ),
+                    _Source(
+                        kind="Deployment",
+                        namespace=namespace,
+                        call=apps.list_namespaced_deployment,
+                        args=(namespace,),
+                    ),
+                ]
+
+        self._lock = threading.Lock()
+        self._store: dict[Kind, dict[Key, dict[str, Any]]] = {"Canary": {}, "Deployment": {}}
+        self._listeners: list[Listener] = []
+        self._calls = {"list": 0, "watch": 0}
+        self._synced = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def get(self, namespace: str, name: str, *, kind: Kind = "Canary") -> dict[str, Any] | None:
+        with self._lock:
+            obj = self._store[kind].get((namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def items(self, kind: Kind = "Canary") -> list[dict[str, Any]]:
+        with self._lock:
+            objs = list(self._store[kind].values())
+        return [copy.deepcopy(o) for o in objs]
+
+    def synced(self) -> bool:
+        """True once every list+watch has completed its first list."""
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self._synced.wait(timeout)
+
+    def api_calls(self) -> dict[str, int]:
+        """List and watch requests sent so far (telemetry: each re-list shows up here)."""
+        with self._lock:
+            return dict(self._calls)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(kind, event_type, obj)`` after every change; returns the unsubscribe.
+
+        Listeners run on the cache's threads, after the cache holds the change, one event at a
+        time per kind and namespace; they must be quick and must not raise (errors are logged).
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    # --- running --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("the cache is already started")
+        for source in self._sources:
+            thread = threading.Thread(
+                target=self._run,
+                args=(source,),
+                name=f"perch-cache-{source.kind}-{source.namespace or 'all'}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        threads = [t for t in self._threads if t is not threading.current_thread()]
+        # Repeated: a watch that was connecting during the first round resets its stop flag when
+        # its stream begins, and needs telling again.
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            for source in self._sources:
+                watcher = source.watcher
+                if watcher is not None:
+                    # Shuts the socket down, which ends a read waiting for the next event.
+                    watcher.stop()  # type: ignore[no-untyped-call]
+            for thread in threads:
+                thread.join(0.05)
+
+    def _run(self, source: _Source) -> None:
+        backoff = _Backoff(
+            initial=self._backoff_initial, maximum=self._backoff_max, stopping=self._stopping
+        )
+        while not self._stopping.is_set():
+            try:
+                if source.rv is None:
+                    source.rv = self._relist(source)
+                self._watch(source, backoff)
+            except ApiException as exc:
+                if self._stopping.is_set():
+                    break
+                source.rv = None
+                if exc.status == 410:
+                    log.info("%s: resourceVersion expired; listing again", source.label)
+                    # At once the first time; a server that answers 410 right after a fresh list
+                    # (a broken proxy, a restoring etcd) gets the backoff, not a hot loop.
+                    backoff.wait(first_free=True)
+                    continue
+                log.warning("%s: %s; listing again", source.label, describe_api_error(exc))
+                backoff.wait()
+            except Exception as exc:
+                if self._stopping.is_set():
+                    break
+                # Transport errors leave the resourceVersion valid: resume, do not re-list.
+                log.warning("%s: %s", source.label, describe_api_error(exc))
+                backoff.wait()
+
+    def _relist(self, source: _Source) -> str:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "limit": self._page_size,
+                "_preload_content": False,
+                "_request_timeout": self._request_timeout,
+            }
+            if token:
+                kwargs["_continue"] = token
+            self._count("list")
+            page = response_json(source.call(*source.args, **kwargs))
+            items += [i for i in page.get("items") or [] if isinstance(i, dict)]
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or None
+            if token is None:
+                rv = str(meta.get("resourceVersion") or "")
+                break
+        for item in items:
+            # List items lack apiVersion and kind on a real API server; watch events carry them.
+            item.setdefault("apiVersion", _API_VERSIONS[source.kind])
+            item.setdefault("kind", source.kind)
+        self._replace(source, items)
+        return rv
+
+    def _watch(self, source: _Source, backoff: _Backoff) -> None:
+        """Follow one watch stream to its end, keeping ``source.rv`` at the last event seen."""
+        # return_type "object": events as the API's JSON, not client models (which drop fields
+        # the client does not know and cost more than the request).
+        watcher = watch.Watch(return_type="object")  # type: ignore[no-untyped-call]
+        source.watcher = watcher
+        if self._stopping.is_set():  # stop() ran before the watcher was registered
+            return
+        self._count("watch")
+        opened, delivered = time.monotonic(), False
+        # timeout_seconds also turns off Watch's own silent retry after a 410, so the cache sees
+        # the 410 and re-lists instead of resuming from a version the server no longer has.
+        events: Iterator[dict[str, Any]] = watcher.stream(  # type: ignore[no-untyped-call]
+            source.call,
+            *source.args,
+            resource_version=source.rv,
+            timeout_seconds=self._watch_timeout,
+            allow_watch_bookmarks=True,
+            _request_timeout=(self._request_timeout, self._watch_timeout + _WATCH_READ_MARGIN),
+        )
+        try:
+            for event in events:
+                if self._stopping.is_set():
+                    break
+                obj = event.get("raw_object")
+                if not isinstance(obj, dict):
+                    continue
+                event_type = event.get("type")
+                if event_type in ("ADDED", "MODIFIED", "DELETED"):
+                    self._apply(source, event_type, obj)
+                # Per event, so that a stream cut in the middle resumes after the last event
+                # applied rather than replaying older versions over newer ones. BOOKMARK events
+                # carry nothing but this.
+                source.rv = _rv(obj) or source.rv
+                delivered = True
+                backoff.reset()
+        finally:
+            events.close()  # type: ignore[attr-defined]
+            source.watcher = None
+        if not delivered and time.monotonic() - opened < _SHORT_WATCH_SECONDS:
+            # client-go's "very short watch": a proxy that closes every stream at once would
+            # otherwise be met with a loop of new watches.
+            log.warning("%s: the watch ended at once without events", source.label)
+            backoff.wait()
+        else:
+            backoff.reset()
+
+    # --- the store ------------------------------------------------------------------------------
+
+    def _keep(self, kind: Kind, obj: Mapping[str, Any]) -> bool:
+        return kind == "Canary" or self._keep_deployment(obj)
+
+    def _replace(self, source: _Source, items: list[dict[str, Any]]) -> None:
+        kind = source.kind
+        events: list[tuple[Kind, EventType, dict[str, Any]]] = []
+        fresh = {_key(o): o for o in items if self._keep(kind, o)}
+        with self._lock:
+            store = self._store[kind]
+            for key in [k for k in store if source.in_scope(k) and k not in fresh]:
+                events.append((kind, "DELETED", store.pop(key)))
+            for key, obj in fresh.items():
+                old = store.get(key)
+                store[key] = obj
+                if old is None:
+                    events.append((kind, "ADDED", obj))
+                elif _rv(old) != _rv(obj):
+                    events.append((kind, "MODIFIED", obj))
+            source.synced = True
+            if all(s.synced for s in self._sources):
+                self._synced.set()
+        self._emit(events)
+
+    def _apply(self, source: _Source, event_type: str, obj: dict[str, Any]) -> None:
+        kind, key = source.kind, _key(obj)
+        emitted: EventType
+        with self._lock:
+            store = self._store[kind]
+            old = store.get(key)
+            if event_type != "DELETED" and self._keep(kind, obj):
+                if old is not None and _rv(old) == _rv(obj):
+                    return  # a replay of what the cache holds (a resumed watch)
+                store[key] = obj
+                emitted = "ADDED" if old is None else "MODIFIED"
+            else:
+                if old is None:
+                    return  # never relevant: nobody was told about it
+                del store[key]
+                emitted = "DELETED"
+        self._emit([(kind, emitted, obj)])
+
+    def _emit(self, events: list[tuple[Kind, EventType, dict[str, Any]]]) -> None:
+        if not events:
+            return
+        with self._lock:
+            listeners = list(self._listeners)
+        for kind, event_type, obj in events:
+            for listener in listeners:
+                try:
+                    listener(kind, event_type, copy.deepcopy(obj))
+                except Exception:
+                    log.exception("cache listener failed on %s %s %s", event_type, kind, _key(obj))
+
+    def _count(self, verb: str) -> None:
+        with self._lock:
+            self._calls[verb] += 1

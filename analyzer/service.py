@@ -1,0 +1,308 @@
+"""One analysis tick of one canary, and what it needs from the rest of the service.
+
+`Analyzer.tick(namespace, name)` is the APScheduler job: read (from the watch cache), observe,
+decide with the pure `step()`, act, and write the status last with a resourceVersion
+precondition, so that a tick is all or nothing and a restarted analyzer continues where the last
+one stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from kubernetes.client.exceptions import ApiException
+
+from analyzer.act import Actor, TickContext
+from analyzer.events import EventRecorder
+from analyzer.gates import post_event, run_gates
+from analyzer.metrics.prometheus import PrometheusProvider
+from analyzer.metrics.queries import query_set_for
+from analyzer.model import GateResult, MetricResult, Observations
+from analyzer.notify import Notifications, spec_context
+from analyzer.observe import control_action, route_weights, workload
+from analyzer.step import needs, step
+from analyzer.telemetry import Telemetry
+from perch.names import ANNOTATION_SPEC, canary_name, is_opted_in
+from perch.objects import canary_deployment
+from perch.resources import CANARIES, DEPLOYMENTS, Kube, Resource, resource_version
+from perch.routers import RouteTarget, router_for
+from perch.spec import CanarySpec, Metric, SpecError, WebhookType, parse_spec
+from perch.status import CanaryStatus, Phase
+
+log = logging.getLogger("perch.analyzer")
+
+# Phases in which nothing moves: no routes, metrics or gates are read for them.
+IDLE_PHASES: frozenset[Phase] = frozenset({"Initialized", "Succeeded", "Terminated"})
+# Holding a slot of the global cap: past the first step, or promoting.
+_SLOT_PHASES: frozenset[Phase] = frozenset({"WaitingPromotion", "Promoting", "Finalising"})
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_spec(text: str | None) -> CanarySpec:
+    """parse_spec is pure and specs rarely change: parse each distinct annotation once."""
+    return parse_spec(text)
+
+
+def spec_of(primary: Mapping[str, Any]) -> CanarySpec | None:
+    annotations = (primary.get("metadata") or {}).get("annotations") or {}
+    if not is_opted_in(annotations):
+        return None
+    try:
+        return cached_spec(annotations.get(ANNOTATION_SPEC))
+    except SpecError:
+        # The webhook refuses invalid specs; one can only be here if it was stored around it.
+        return None
+
+
+def holds_slot(status: CanaryStatus) -> bool:
+    if status.phase in _SLOT_PHASES:
+        return True
+    return status.phase in ("Progressing", "Waiting") and (
+        status.canary_weight > 0 or bool(status.gates_done) or status.iterations > 0
+    )
+
+
+class MetricBatcher:
+    """One PromQL query per metric and namespace serves every canary in it.
+
+    The first canary of a namespace to need a builtin metric queries it for all canaries there
+    that use the same metric (same name, histogram and window); the others reuse the answer while
+    it is younger than half their interval.
+    """
+
+    def __init__(self, provider: PrometheusProvider, *, canaries: Callable[[str], list[str]]):
+        self.provider = provider
+        self._canaries = canaries
+        self._lock = threading.Lock()
+        self._results: dict[tuple[Any, ...], tuple[float, dict[str, MetricResult]]] = {}
+
+    def evaluate(self, namespace: str, spec: CanarySpec, metric: Metric, *, target: str) -> MetricResult:
+        query_set = query_set_for(spec.provider)
+        if metric.builtin is None:
+            return self.provider.evaluate_one(namespace, metric, target, query_set=query_set)
+        key = (namespace, metric.builtin, metric.histogram_unit, metric.interval, query_set)
+        max_age = max(spec.analysis.interval_seconds / 2, 0.2)
+        with self._lock:
+            cached = self._results.get(key)
+            if cached and time.monotonic() - cached[0] < max_age and target in cached[1]:
+                return cached[1][target]
+        targets = sorted({target, *self._canaries(namespace)})
+        results = self.provider.evaluate(namespace, metric, targets, query_set=query_set)
+        with self._lock:
+            self._results[key] = (time.monotonic(), results)
+        return results.get(target) or MetricResult(
+            name=metric.name, outcome="error", value=None, message="no result for " + target
+        )
+
+
+class GateRunner:
+    """Gates the step waits for (run now, results judged) and those it only fires."""
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+
+    def run(self, spec: CanarySpec, types: Sequence[WebhookType], *, name: str, namespace: str,
+            status: CanaryStatus) -> tuple[GateResult, ...]:
+        hooks = spec.analysis.webhooks_of(*types)
+        return run_gates(
+            hooks, name=name, namespace=namespace, phase=status.phase,
+            checksum=status.canary_revision, session=self.session,
+        )
+
+    def fire(self, spec: CanarySpec, *, type_: WebhookType, name: str, namespace: str, phase: str,
+             checksum: str) -> None:
+        hooks = spec.analysis.webhooks_of(type_)
+        if not hooks:
+            return
+        thread = threading.Thread(
+            target=run_gates,
+            args=(hooks,),
+            kwargs={"name": name, "namespace": namespace, "phase": phase, "checksum": checksum,
+                    "session": self.session},
+            name=f"gates-{type_}-{namespace}-{name}",
+            daemon=True,
+        )
+        thread.start()
+
+    def event(self, spec: CanarySpec, *, name: str, namespace: str, status: CanaryStatus,
+              message: str, event_type: str) -> None:
+        for hook in spec.analysis.webhooks_of("event"):
+            post_event(
+                hook, name=name, namespace=namespace, phase=status.phase,
+                checksum=status.canary_revision, message=message,
+                event_type="Warning" if event_type == "Warning" else "Normal",
+                session=self.session,
+            )
+
+
+class Analyzer:
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        cache: Any,
+        provider: PrometheusProvider,
+        notifications: Notifications,
+        telemetry: Telemetry,
+        max_active: int = 0,
+        gates: GateRunner | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.telemetry = telemetry
+        self.max_active = max_active
+        self.gates = gates or GateRunner()
+        self.notifications = notifications
+        self.now = now
+        self.metrics = MetricBatcher(provider, canaries=self._active_targets)
+        self.provider = provider
+        self.actor = Actor(
+            kube, events=EventRecorder(kube), gates=self.gates, notifier=notifications
+        )
+
+    # What the scheduler asks
+
+    def interval_for(self, canary: Mapping[str, Any]) -> float | None:
+        meta = canary.get("metadata") or {}
+        primary = self.cache.get(meta.get("namespace", ""), meta.get("name", ""), kind="Deployment")
+        if primary is None:
+            return None
+        spec = spec_of(primary)
+        return spec.analysis.interval_seconds if spec is not None else None
+
+    def _active_targets(self, namespace: str) -> list[str]:
+        targets = []
+        for obj in self.cache.items():
+            meta = obj.get("metadata") or {}
+            if meta.get("namespace") != namespace:
+                continue
+            if CanaryStatus.from_wire(obj.get("status")).phase not in IDLE_PHASES:
+                targets.append(canary_name(str(meta.get("name"))))
+        return targets
+
+    def _admitted(self, namespace: str, name: str, status: CanaryStatus) -> bool:
+        if self.max_active <= 0 or holds_slot(status):
+            return True
+        holding = 0
+        for obj in self.cache.items():
+            meta = obj.get("metadata") or {}
+            if (meta.get("namespace"), meta.get("name")) == (namespace, name):
+                continue
+            if holds_slot(CanaryStatus.from_wire(obj.get("status"))):
+                holding += 1
+        return holding < self.max_active
+
+    # The tick
+
+    def tick(self, namespace: str, name: str) -> None:
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            outcome = self._tick(namespace, name)
+        finally:
+            self.telemetry.ticks.labels(outcome).inc()
+            self.telemetry.duration.labels(name, namespace).observe(time.monotonic() - started)
+
+    def _tick(self, namespace: str, name: str) -> str:
+        canary = self.cache.get(namespace, name)
+        primary = self.cache.get(namespace, name, kind="Deployment")
+        if canary is None or primary is None:
+            return "skipped"
+        spec = spec_of(primary)
+        if spec is None:
+            return "skipped"
+        status = CanaryStatus.from_wire(canary.get("status"))
+        self.telemetry.record_canary(
+            name=name, namespace=namespace, phase=status.phase,
+            weight=status.canary_weight, failed=status.failed_checks,
+        )
+        if status.phase in IDLE_PHASES and "perch.dev/action" not in str(primary.get("metadata")):
+            return "idle"
+        now = self.now()
+        need = needs(spec, status, now=now)
+        cname = canary_name(name)
+        canary_dep = self.cache.get(namespace, cname, kind="Deployment")
+        if canary_dep is None and status.active:
+            canary_dep = self._recreate_canary(canary, primary)
+        metrics: tuple[MetricResult, ...] = ()
+        if need.metrics:
+            metrics = tuple(
+                self.metrics.evaluate(namespace, spec, m, target=cname) for m in spec.analysis.metrics
+            )
+            self.telemetry.prometheus_queries.inc(0)
+        gates: tuple[GateResult, ...] = ()
+        if need.gates:
+            gates = self.gates.run(spec, need.gates, name=name, namespace=namespace, status=status)
+        obs = Observations(
+            now=now,
+            canary=workload(canary_dep, canary=True),
+            primary=workload(primary),
+            route_weights=self._route_weights(namespace, name, spec),
+            metrics=metrics,
+            gates=gates,
+            control=control_action(primary),
+            admitted=self._admitted(namespace, name, status),
+        )
+        new_status, actions = step(spec, status, obs, name=name, namespace=namespace)
+        if new_status == status and not actions:
+            return "unchanged"
+        ctx = TickContext(namespace=namespace, name=name, spec=spec, canary=canary,
+                          primary=primary, status=new_status)
+        self.actor.perform(ctx, actions)
+        self._fire_event_hooks(spec, ctx, actions)
+        body = {"metadata": {"resourceVersion": resource_version(canary)}, "status": new_status.to_wire()}
+        try:
+            self.kube.merge_patch(CANARIES, namespace, name, body, subresource="status")
+        except ApiException as exc:
+            if exc.status == 409:
+                # Someone (the webhook, a new revision) wrote first: the next tick starts from that.
+                log.info("status of %s.%s changed during the tick; retrying next tick", name, namespace)
+                return "conflict"
+            raise
+        self.telemetry.record_canary(
+            name=name, namespace=namespace, phase=new_status.phase,
+            weight=new_status.canary_weight, failed=new_status.failed_checks,
+        )
+        return "advanced"
+
+    def _fire_event_hooks(self, spec: CanarySpec, ctx: TickContext, actions: Sequence[Any]) -> None:
+        from analyzer.model import Event
+
+        for action in actions:
+            if isinstance(action, Event):
+                self.gates.event(spec, name=ctx.name, namespace=ctx.namespace, status=ctx.status,
+                                 message=action.message, event_type=action.type)
+
+    def _route_weights(self, namespace: str, name: str, spec: CanarySpec) -> tuple[int, int] | None:
+        target = RouteTarget(name=name, namespace=namespace)
+        routes: list[Mapping[str, Any]] = []
+        for ref in router_for(spec.provider).refs(target, spec)[:1]:
+            obj = self.kube.get(Resource(ref.group, ref.version, ref.plural), namespace, ref.name)
+            if obj is not None:
+                routes.append(obj)
+        return route_weights(routes, name=name, namespace=namespace, spec=spec)
+
+    def _recreate_canary(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A canary under analysis whose Deployment is gone: recreate it from the Canary object."""
+        cspec = canary.get("spec") or {}
+        template, revision = cspec.get("template"), str(cspec.get("revision") or "")
+        if not isinstance(template, dict) or not revision:
+            return None
+        meta = primary.get("metadata") or {}
+        desired = canary_deployment(primary, template=template, revision=revision)
+        try:
+            created = self.kube.create(DEPLOYMENTS, str(meta.get("namespace")), desired)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return None
+        log.info("recreated missing canary Deployment %s", desired["metadata"]["name"])
+        return created

@@ -1,0 +1,121 @@
+"""The analyzer's own metrics and JSON log lines.
+
+Metric names follow Flagger's (flagger_canary_*) with the perch_ prefix, so dashboards port over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Flagger's encoding of perch_canary_status: 0 running, 1 successful, 2 failed.
+STATUS_VALUES = {"Succeeded": 1, "Failed": 2}
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.status = Gauge(
+            "perch_canary_status",
+            "Canary status: 0 running, 1 successful, 2 failed",
+            ["name", "namespace"],
+            registry=r,
+        )
+        self.weight = Gauge(
+            "perch_canary_weight",
+            "Traffic weight of the primary and the canary",
+            ["name", "namespace", "track"],
+            registry=r,
+        )
+        self.failed_checks = Gauge(
+            "perch_canary_failed_checks",
+            "Failed checks of the current analysis",
+            ["name", "namespace"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "perch_canary_duration_seconds",
+            "Seconds spent performing one analysis tick",
+            ["name", "namespace"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.total = Gauge(
+            "perch_canary_total", "Canaries known to the analyzer", ["namespace"], registry=r
+        )
+        self.api_calls = Counter(
+            "perch_analyzer_kubernetes_api_calls_total",
+            "Calls the analyzer made to the Kubernetes API",
+            ["verb"],
+            registry=r,
+        )
+        self.prometheus_queries = Counter(
+            "perch_analyzer_prometheus_queries_total",
+            "Queries the analyzer sent to Prometheus",
+            registry=r,
+        )
+        self.ticks = Counter(
+            "perch_analyzer_ticks_total", "Analysis ticks run", ["outcome"], registry=r
+        )
+        self.tick_lag = Histogram(
+            "perch_analyzer_tick_lag_seconds",
+            "How late a tick started after its scheduled time",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.leader = Gauge(
+            "perch_analyzer_leader", "1 while this replica holds the lease", registry=r
+        )
+
+    def record_canary(self, *, name: str, namespace: str, phase: str, weight: int, failed: int) -> None:
+        self.status.labels(name, namespace).set(STATUS_VALUES.get(phase, 0))
+        self.weight.labels(name, namespace, "canary").set(weight)
+        self.weight.labels(name, namespace, "primary").set(100 - weight)
+        self.failed_checks.labels(name, namespace).set(failed)
+
+    def forget_canary(self, *, name: str, namespace: str) -> None:
+        for gauge, labels in (
+            (self.status, (name, namespace)),
+            (self.failed_checks, (name, namespace)),
+            (self.weight, (name, namespace, "canary")),
+            (self.weight, (name, namespace, "primary")),
+        ):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and any `fields` passed in `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # APScheduler logs every job run at INFO: thousands of lines a minute with many canaries.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
