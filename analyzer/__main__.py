@@ -42,7 +42,9 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> argparse.N
         description="Advance, judge, promote or roll back Perch canaries. "
         "Every flag can also be set as PERCH_<FLAG> (e.g. PERCH_PROMETHEUS_URL).",
     )
-    parser.add_argument("--prometheus-url", default=env.get("PERCH_PROMETHEUS_URL", DEFAULT_PROMETHEUS))
+    parser.add_argument(
+        "--prometheus-url", default=env.get("PERCH_PROMETHEUS_URL", DEFAULT_PROMETHEUS)
+    )
     parser.add_argument(
         "--prometheus-timeout",
         type=float,
@@ -66,12 +68,15 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> argparse.N
     parser.add_argument("--leader-elect", dest="leader_elect", action="store_true", default=elect)
     parser.add_argument("--no-leader-elect", dest="leader_elect", action="store_false")
     parser.add_argument(
-        "--lease-namespace", default=env.get("PERCH_LEASE_NAMESPACE") or env.get("POD_NAMESPACE") or "perch"
+        "--lease-namespace",
+        default=env.get("PERCH_LEASE_NAMESPACE") or env.get("POD_NAMESPACE") or "perch",
     )
     parser.add_argument("--lease-name", default=env.get("PERCH_LEASE_NAME", "perch-analyzer"))
     parser.add_argument("--identity", default=env.get("PERCH_IDENTITY") or env.get("POD_NAME"))
     parser.add_argument("--kubeconfig", default=env.get("PERCH_KUBECONFIG"))
-    parser.add_argument("--resync-seconds", type=float, default=float(env.get("PERCH_RESYNC_SECONDS", "30")))
+    parser.add_argument(
+        "--resync-seconds", type=float, default=float(env.get("PERCH_RESYNC_SECONDS", "30"))
+    )
     parser.add_argument("--log-level", default=env.get("PERCH_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if args.namespace is None and env.get("PERCH_NAMESPACES"):
@@ -106,10 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         telemetry=telemetry,
         max_active=args.max_active,
     )
+    telemetry.count_calls(
+        kubernetes=lambda: {
+            "ticks": kube.calls,
+            **{f"cache-{k}": v for k, v in cache.api_calls().items()},
+        },
+        prometheus=lambda: provider.calls,
+    )
     scheduler = CanaryScheduler(
-        cache=cache, tick=analyzer.tick, interval_for=analyzer.interval_for,
+        cache=cache,
+        tick=analyzer.tick,
+        interval_for=analyzer.interval_for,
         resync_seconds=args.resync_seconds,
     )
+
+    telemetry.watch_lags(scheduler.tick_lags)
 
     def started() -> None:
         telemetry.leader.set(1)
@@ -124,8 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elector: LeaseElector | AlwaysLeader
     if args.leader_elect:
         elector = LeaseElector(
-            api_client, namespace=args.lease_namespace, name=args.lease_name,
-            identity=args.identity, on_started_leading=started, on_stopped_leading=stopped,
+            api_client,
+            namespace=args.lease_namespace,
+            name=args.lease_name,
+            identity=args.identity,
+            on_started_leading=started,
+            on_stopped_leading=stopped,
         )
     else:
         elector = AlwaysLeader(on_started_leading=started, on_stopped_leading=stopped)
@@ -145,8 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elector.start()
     log.info(
         "perch-analyzer started",
-        extra={"fields": {"prometheus": args.prometheus_url, "namespaces": args.namespace or "all",
-                          "leaderElect": args.leader_elect, "maxActive": args.max_active}},
+        extra={
+            "fields": {
+                "prometheus": args.prometheus_url,
+                "namespaces": args.namespace or "all",
+                "leaderElect": args.leader_elect,
+                "maxActive": args.max_active,
+            }
+        },
     )
     done.wait()
     elector.stop(release=True)

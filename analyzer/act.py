@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from analyzer.events import EventRecorder
-from analyzer.notify import Notifications, spec_context
 from analyzer.model import (
     Action,
     CallGates,
@@ -25,6 +24,7 @@ from analyzer.model import (
     ScaleCanary,
     SetWeights,
 )
+from analyzer.notify import Notifications, spec_context
 from perch.names import (
     ANNOTATION_ACTION,
     ANNOTATION_PROMOTED_REVISION,
@@ -44,7 +44,14 @@ log = logging.getLogger("perch.analyzer")
 
 class GateCaller(Protocol):
     def fire(
-        self, spec: CanarySpec, *, type_: WebhookType, name: str, namespace: str, phase: str, checksum: str
+        self,
+        spec: CanarySpec,
+        *,
+        type_: WebhookType,
+        name: str,
+        namespace: str,
+        phase: str,
+        checksum: str,
     ) -> None:
         """Call the spec's gates of this type without waiting for or judging the answer."""
         ...
@@ -109,7 +116,9 @@ class Actor:
 
     def set_weights(self, ctx: TickContext, *, canary: int) -> None:
         target = RouteTarget(
-            name=ctx.name, namespace=ctx.namespace, owner_references=tuple(owner_reference(ctx.primary))
+            name=ctx.name,
+            namespace=ctx.namespace,
+            owner_references=tuple(owner_reference(ctx.primary)),
         )
         router = router_for(ctx.spec.provider)
         refs = {(r.kind, r.name): r for r in router.refs(target, ctx.spec)}
@@ -141,7 +150,9 @@ class Actor:
     def promote(self, ctx: TickContext, *, revision: str) -> None:
         template = (ctx.canary.get("spec") or {}).get("template")
         if not isinstance(template, dict):
-            raise PromotionError(f"the Canary {ctx.namespace}/{ctx.name} holds no template to promote")
+            raise PromotionError(
+                f"the Canary {ctx.namespace}/{ctx.name} holds no template to promote"
+            )
         primary_template = (ctx.primary.get("spec") or {}).get("template") or {}
         # Save the last good template first: a promotion that fails puts it back.
         if (ctx.canary.get("spec") or {}).get("stableTemplate") != primary_template:
@@ -149,7 +160,12 @@ class Actor:
                 CANARIES,
                 ctx.namespace,
                 ctx.name,
-                {"spec": {"stableTemplate": primary_template, "stableRevision": ctx.status.last_applied_revision}},
+                {
+                    "spec": {
+                        "stableTemplate": primary_template,
+                        "stableRevision": ctx.status.last_applied_revision,
+                    }
+                },
             )
         self._replace_primary_template(ctx, template=template, mark=revision)
 
@@ -159,17 +175,27 @@ class Actor:
             raise PromotionError(f"no saved template to restore for {ctx.namespace}/{ctx.name}")
         self._replace_primary_template(ctx, template=stable, mark=revision)
 
-    def _replace_primary_template(self, ctx: TickContext, *, template: Mapping[str, Any], mark: str) -> None:
+    def _replace_primary_template(
+        self, ctx: TickContext, *, template: Mapping[str, Any], mark: str
+    ) -> None:
         # JSON patch, not merge patch: a merge patch would keep map keys the new template dropped.
         ops: list[dict[str, Any]] = [
-            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version(ctx.primary)},
+            {
+                "op": "test",
+                "path": "/metadata/resourceVersion",
+                "value": resource_version(ctx.primary),
+            },
             {"op": "replace", "path": "/spec/template", "value": dict(template)},
         ]
         annotations = (ctx.primary.get("metadata") or {}).get("annotations")
         if annotations is None:
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
         ops.append(
-            {"op": "add", "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION), "value": mark}
+            {
+                "op": "add",
+                "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION),
+                "value": mark,
+            }
         )
         self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
 

@@ -42,7 +42,9 @@ class EventRecorder:
         log.log(
             level,
             message,
-            extra={"fields": {"canary": f"{name}.{namespace}", "reason": reason, "eventType": type_}},
+            extra={
+                "fields": {"canary": f"{name}.{namespace}", "reason": reason, "eventType": type_}
+            },
         )
         at = timestamp(now or datetime.now(UTC))
         event = {
@@ -60,7 +62,9 @@ class EventRecorder:
             "reason": reason,
             "message": message,
             "type": type_,
-            "source": {"component": COMPONENT, "host": self.host} if self.host else {"component": COMPONENT},
+            "source": {"component": COMPONENT, "host": self.host}
+            if self.host
+            else {"component": COMPONENT},
             "firstTimestamp": at,
             "lastTimestamp": at,
             "count": 1,

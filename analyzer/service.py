@@ -24,8 +24,8 @@ from analyzer.events import EventRecorder
 from analyzer.gates import post_event, run_gates
 from analyzer.metrics.prometheus import PrometheusProvider
 from analyzer.metrics.queries import query_set_for
-from analyzer.model import GateResult, MetricResult, Observations
-from analyzer.notify import Notifications, spec_context
+from analyzer.model import Event, GateResult, MetricResult, Observations
+from analyzer.notify import Notifications
 from analyzer.observe import control_action, route_weights, workload
 from analyzer.step import needs, step
 from analyzer.telemetry import Telemetry
@@ -38,10 +38,10 @@ from perch.status import CanaryStatus, Phase
 
 log = logging.getLogger("perch.analyzer")
 
-# Phases in which nothing moves: no routes, metrics or gates are read for them.
+# Phases in which nothing moves: no routes, metrics or gates are read for them. (Failed is not
+# one: a canary that failed while the primary had no ready pods still serves, and hands traffic
+# back once the primary is ready.)
 IDLE_PHASES: frozenset[Phase] = frozenset({"Initialized", "Succeeded", "Terminated"})
-# Holding a slot of the global cap: past the first step, or promoting.
-_SLOT_PHASES: frozenset[Phase] = frozenset({"WaitingPromotion", "Promoting", "Finalising"})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -61,14 +61,6 @@ def spec_of(primary: Mapping[str, Any]) -> CanarySpec | None:
         return None
 
 
-def holds_slot(status: CanaryStatus) -> bool:
-    if status.phase in _SLOT_PHASES:
-        return True
-    return status.phase in ("Progressing", "Waiting") and (
-        status.canary_weight > 0 or bool(status.gates_done) or status.iterations > 0
-    )
-
-
 class MetricBatcher:
     """One PromQL query per metric and namespace serves every canary in it.
 
@@ -83,7 +75,9 @@ class MetricBatcher:
         self._lock = threading.Lock()
         self._results: dict[tuple[Any, ...], tuple[float, dict[str, MetricResult]]] = {}
 
-    def evaluate(self, namespace: str, spec: CanarySpec, metric: Metric, *, target: str) -> MetricResult:
+    def evaluate(
+        self, namespace: str, spec: CanarySpec, metric: Metric, *, target: str
+    ) -> MetricResult:
         query_set = query_set_for(spec.provider)
         if metric.builtin is None:
             return self.provider.evaluate_one(namespace, metric, target, query_set=query_set)
@@ -108,35 +102,71 @@ class GateRunner:
     def __init__(self) -> None:
         self.session = requests.Session()
 
-    def run(self, spec: CanarySpec, types: Sequence[WebhookType], *, name: str, namespace: str,
-            status: CanaryStatus) -> tuple[GateResult, ...]:
+    def run(
+        self,
+        spec: CanarySpec,
+        types: Sequence[WebhookType],
+        *,
+        name: str,
+        namespace: str,
+        status: CanaryStatus,
+    ) -> tuple[GateResult, ...]:
         hooks = spec.analysis.webhooks_of(*types)
         return run_gates(
-            hooks, name=name, namespace=namespace, phase=status.phase,
-            checksum=status.canary_revision, session=self.session,
+            hooks,
+            name=name,
+            namespace=namespace,
+            phase=status.phase,
+            checksum=status.canary_revision,
+            session=self.session,
         )
 
-    def fire(self, spec: CanarySpec, *, type_: WebhookType, name: str, namespace: str, phase: str,
-             checksum: str) -> None:
+    def fire(
+        self,
+        spec: CanarySpec,
+        *,
+        type_: WebhookType,
+        name: str,
+        namespace: str,
+        phase: str,
+        checksum: str,
+    ) -> None:
         hooks = spec.analysis.webhooks_of(type_)
         if not hooks:
             return
         thread = threading.Thread(
             target=run_gates,
             args=(hooks,),
-            kwargs={"name": name, "namespace": namespace, "phase": phase, "checksum": checksum,
-                    "session": self.session},
+            kwargs={
+                "name": name,
+                "namespace": namespace,
+                "phase": phase,
+                "checksum": checksum,
+                "session": self.session,
+            },
             name=f"gates-{type_}-{namespace}-{name}",
             daemon=True,
         )
         thread.start()
 
-    def event(self, spec: CanarySpec, *, name: str, namespace: str, status: CanaryStatus,
-              message: str, event_type: str) -> None:
+    def event(
+        self,
+        spec: CanarySpec,
+        *,
+        name: str,
+        namespace: str,
+        status: CanaryStatus,
+        message: str,
+        event_type: str,
+    ) -> None:
         for hook in spec.analysis.webhooks_of("event"):
             post_event(
-                hook, name=name, namespace=namespace, phase=status.phase,
-                checksum=status.canary_revision, message=message,
+                hook,
+                name=name,
+                namespace=namespace,
+                phase=status.phase,
+                checksum=status.canary_revision,
+                message=message,
                 event_type="Warning" if event_type == "Warning" else "Normal",
                 session=self.session,
             )
@@ -188,17 +218,22 @@ class Analyzer:
                 targets.append(canary_name(str(meta.get("name"))))
         return targets
 
-    def _admitted(self, namespace: str, name: str, status: CanaryStatus) -> bool:
-        if self.max_active <= 0 or holds_slot(status):
-            return True
+    def _progressing(self, namespace: str, name: str) -> int:
+        """Other canaries holding a slot of the global cap."""
         holding = 0
         for obj in self.cache.items():
             meta = obj.get("metadata") or {}
             if (meta.get("namespace"), meta.get("name")) == (namespace, name):
                 continue
-            if holds_slot(CanaryStatus.from_wire(obj.get("status"))):
+            if CanaryStatus.from_wire(obj.get("status")).holds_slot:
                 holding += 1
-        return holding < self.max_active
+        return holding
+
+    def _admission(self, namespace: str, name: str, status: CanaryStatus) -> dict[str, Any]:
+        if self.max_active <= 0 or status.holds_slot:
+            return {"admitted": True}
+        holding = self._progressing(namespace, name)
+        return {"admitted": holding < self.max_active, "progressing": holding}
 
     # The tick
 
@@ -221,8 +256,11 @@ class Analyzer:
             return "skipped"
         status = CanaryStatus.from_wire(canary.get("status"))
         self.telemetry.record_canary(
-            name=name, namespace=namespace, phase=status.phase,
-            weight=status.canary_weight, failed=status.failed_checks,
+            name=name,
+            namespace=namespace,
+            phase=status.phase,
+            weight=status.canary_weight,
+            failed=status.failed_checks,
         )
         if status.phase in IDLE_PHASES and "perch.dev/action" not in str(primary.get("metadata")):
             return "idle"
@@ -235,9 +273,9 @@ class Analyzer:
         metrics: tuple[MetricResult, ...] = ()
         if need.metrics:
             metrics = tuple(
-                self.metrics.evaluate(namespace, spec, m, target=cname) for m in spec.analysis.metrics
+                self.metrics.evaluate(namespace, spec, m, target=cname)
+                for m in spec.analysis.metrics
             )
-            self.telemetry.prometheus_queries.inc(0)
         gates: tuple[GateResult, ...] = ()
         if need.gates:
             gates = self.gates.run(spec, need.gates, name=name, namespace=namespace, status=status)
@@ -249,37 +287,55 @@ class Analyzer:
             metrics=metrics,
             gates=gates,
             control=control_action(primary),
-            admitted=self._admitted(namespace, name, status),
+            **self._admission(namespace, name, status),
         )
         new_status, actions = step(spec, status, obs, name=name, namespace=namespace)
         if new_status == status and not actions:
             return "unchanged"
-        ctx = TickContext(namespace=namespace, name=name, spec=spec, canary=canary,
-                          primary=primary, status=new_status)
+        ctx = TickContext(
+            namespace=namespace,
+            name=name,
+            spec=spec,
+            canary=canary,
+            primary=primary,
+            status=new_status,
+        )
         self.actor.perform(ctx, actions)
         self._fire_event_hooks(spec, ctx, actions)
-        body = {"metadata": {"resourceVersion": resource_version(canary)}, "status": new_status.to_wire()}
+        body = {
+            "metadata": {"resourceVersion": resource_version(canary)},
+            "status": new_status.to_wire(),
+        }
         try:
             self.kube.merge_patch(CANARIES, namespace, name, body, subresource="status")
         except ApiException as exc:
             if exc.status == 409:
                 # Someone (the webhook, a new revision) wrote first: the next tick starts from that.
-                log.info("status of %s.%s changed during the tick; retrying next tick", name, namespace)
+                log.info(
+                    "status of %s.%s changed during the tick; retrying next tick", name, namespace
+                )
                 return "conflict"
             raise
         self.telemetry.record_canary(
-            name=name, namespace=namespace, phase=new_status.phase,
-            weight=new_status.canary_weight, failed=new_status.failed_checks,
+            name=name,
+            namespace=namespace,
+            phase=new_status.phase,
+            weight=new_status.canary_weight,
+            failed=new_status.failed_checks,
         )
         return "advanced"
 
     def _fire_event_hooks(self, spec: CanarySpec, ctx: TickContext, actions: Sequence[Any]) -> None:
-        from analyzer.model import Event
-
         for action in actions:
             if isinstance(action, Event):
-                self.gates.event(spec, name=ctx.name, namespace=ctx.namespace, status=ctx.status,
-                                 message=action.message, event_type=action.type)
+                self.gates.event(
+                    spec,
+                    name=ctx.name,
+                    namespace=ctx.namespace,
+                    status=ctx.status,
+                    message=action.message,
+                    event_type=action.type,
+                )
 
     def _route_weights(self, namespace: str, name: str, spec: CanarySpec) -> tuple[int, int] | None:
         target = RouteTarget(name=name, namespace=namespace)
@@ -290,7 +346,9 @@ class Analyzer:
                 routes.append(obj)
         return route_weights(routes, name=name, namespace=namespace, spec=spec)
 
-    def _recreate_canary(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _recreate_canary(
+        self, canary: Mapping[str, Any], primary: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
         """A canary under analysis whose Deployment is gone: recreate it from the Canary object."""
         cspec = canary.get("spec") or {}
         template, revision = cspec.get("template"), str(cspec.get("revision") or "")

@@ -5,13 +5,17 @@ Metric names follow Flagger's (flagger_canary_*) with the perch_ prefix, so dash
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Flagger's encoding of perch_canary_status: 0 running, 1 successful, 2 failed.
 STATUS_VALUES = {"Succeeded": 1, "Failed": 2}
@@ -49,31 +53,29 @@ class Telemetry:
         self.total = Gauge(
             "perch_canary_total", "Canaries known to the analyzer", ["namespace"], registry=r
         )
-        self.api_calls = Counter(
-            "perch_analyzer_kubernetes_api_calls_total",
-            "Calls the analyzer made to the Kubernetes API",
-            ["verb"],
-            registry=r,
-        )
-        self.prometheus_queries = Counter(
-            "perch_analyzer_prometheus_queries_total",
-            "Queries the analyzer sent to Prometheus",
-            registry=r,
-        )
         self.ticks = Counter(
             "perch_analyzer_ticks_total", "Analysis ticks run", ["outcome"], registry=r
-        )
-        self.tick_lag = Histogram(
-            "perch_analyzer_tick_lag_seconds",
-            "How late a tick started after its scheduled time",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
-            registry=r,
         )
         self.leader = Gauge(
             "perch_analyzer_leader", "1 while this replica holds the lease", registry=r
         )
 
-    def record_canary(self, *, name: str, namespace: str, phase: str, weight: int, failed: int) -> None:
+    def count_calls(
+        self,
+        *,
+        kubernetes: Callable[[], Mapping[str, int]],
+        prometheus: Callable[[], int],
+    ) -> None:
+        """Export call counters kept by the clients themselves, read at scrape time."""
+        self.registry.register(_CallTotals(kubernetes, prometheus))
+
+    def watch_lags(self, lags: Callable[[], list[float]]) -> None:
+        """Export the scheduler's recent tick lags (start minus scheduled time) as quantiles."""
+        self.registry.register(_TickLags(lags))
+
+    def record_canary(
+        self, *, name: str, namespace: str, phase: str, weight: int, failed: int
+    ) -> None:
         self.status.labels(name, namespace).set(STATUS_VALUES.get(phase, 0))
         self.weight.labels(name, namespace, "canary").set(weight)
         self.weight.labels(name, namespace, "primary").set(100 - weight)
@@ -86,10 +88,47 @@ class Telemetry:
             (self.weight, (name, namespace, "canary")),
             (self.weight, (name, namespace, "primary")),
         ):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
-            except KeyError:
-                pass
+
+
+class _CallTotals(Collector):
+    def __init__(self, kubernetes: Callable[[], Mapping[str, int]], prometheus: Callable[[], int]):
+        self._kubernetes = kubernetes
+        self._prometheus = prometheus
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        api = CounterMetricFamily(
+            "perch_analyzer_kubernetes_api_calls",
+            "Calls the analyzer made to the Kubernetes API, by source",
+            labels=["source"],
+        )
+        for source, count in sorted(self._kubernetes().items()):
+            api.add_metric([source], count)
+        yield api
+        yield CounterMetricFamily(
+            "perch_analyzer_prometheus_queries",
+            "Queries the analyzer sent to Prometheus",
+            value=self._prometheus(),
+        )
+
+
+class _TickLags(Collector):
+    def __init__(self, lags: Callable[[], list[float]]):
+        self._lags = lags
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "perch_analyzer_tick_lag_seconds",
+            "How late recent ticks started after their scheduled time",
+            labels=["quantile"],
+        )
+        samples = sorted(self._lags())
+        if samples:
+            for q in (0.5, 0.9, 0.99, 1.0):
+                index = min(len(samples) - 1, int(q * len(samples)))
+                family.add_metric([str(q)], samples[index])
+        yield family
 
 
 class JsonFormatter(logging.Formatter):

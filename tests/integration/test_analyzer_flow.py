@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 120.0
 
 
-def seed_spec(*, loadtester: str, metric_interval: str = "5s", threshold: int = 10, extra: str = "") -> str:
+def seed_spec(
+    *, loadtester: str, metric_interval: str = "5s", threshold: int = 10, extra: str = ""
+) -> str:
     return f"""\
 autoscalerRef:
   apiVersion: autoscaling/v2
@@ -80,7 +82,9 @@ def exporter() -> Iterator[IstioExporter]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(exporter: IstioExporter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+def prometheus(
+    exporter: IstioExporter, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
     server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), scrape_interval="1s")
     server.scrape(f"127.0.0.1:{exporter.port}").start()
     yield server
@@ -104,16 +108,22 @@ class Rollout:
     def api(self) -> client.ApiClient:
         return self.standin.api_client()
 
-    def flow(self, workload: str, *, error_ratio: float = 0.0, latency_seconds: float = 0.02) -> None:
+    def flow(
+        self, workload: str, *, error_ratio: float = 0.0, latency_seconds: float = 0.02
+    ) -> None:
         """Live traffic for the workload; returns once Prometheus can compute a rate over it."""
-        self.exporter.set(self.namespace, workload, error_ratio=error_ratio, latency_seconds=latency_seconds)
+        self.exporter.set(
+            self.namespace, workload, error_ratio=error_ratio, latency_seconds=latency_seconds
+        )
         query = (
             f'sum(rate(istio_request_duration_seconds_bucket{{destination_workload_namespace="{self.namespace}",'
             f'destination_workload="{workload}"}}[5s]))'
         )
 
         def has_rate() -> bool:
-            answer = requests.get(f"{self.prometheus.url}/api/v1/query", params={"query": query}, timeout=5)
+            answer = requests.get(
+                f"{self.prometheus.url}/api/v1/query", params={"query": query}, timeout=5
+            )
             return bool(answer.ok and answer.json()["data"]["result"])
 
         self.wait_for(has_rate, f"Prometheus to have a rate for {workload}", deadline=60)
@@ -125,7 +135,11 @@ class Rollout:
             {
                 "metadata": {"name": "podinfo"},
                 "spec": {
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo"},
+                    "scaleTargetRef": {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": "podinfo",
+                    },
                     "minReplicas": 2,
                     "maxReplicas": 4,
                 },
@@ -154,7 +168,9 @@ class Rollout:
         pytest.fail("could not update the Deployment")
 
     @staticmethod
-    def _admit(admitter: PerchAdmitter, op: str, obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    def _admit(
+        admitter: PerchAdmitter, op: str, obj: dict[str, Any], old: dict[str, Any] | None
+    ) -> dict[str, Any]:
         import base64
         import json
 
@@ -184,23 +200,44 @@ class Rollout:
         ]
         return [m for _, m in sorted(found, key=lambda x: int(x[0] or 0))]
 
-    def start_analyzer(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_analyzer(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         kubeconfig = self.standin.kubeconfig(self.tmp / f"kubeconfig-{uuid.uuid4().hex[:6]}")
         script = Path(sys.executable).with_name("perch-analyzer")
         log = (self.tmp / f"analyzer-{len(self.analyzers)}.log").open("wb")
         process = subprocess.Popen(
-            [str(script), "--prometheus-url", self.prometheus.url, "--prometheus-timeout", "2",
-             "--namespace", self.namespace, "--metrics-bind", f"127.0.0.1:{free_port()}",
-             "--resync-seconds", "2", *extra],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PERCH_SLACK_URL": self.slack.url,
-                 **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            [
+                str(script),
+                "--prometheus-url",
+                self.prometheus.url,
+                "--prometheus-timeout",
+                "2",
+                "--namespace",
+                self.namespace,
+                "--metrics-bind",
+                f"127.0.0.1:{free_port()}",
+                "--resync-seconds",
+                "2",
+                *extra,
+            ],
+            env={
+                **os.environ,
+                "KUBECONFIG": str(kubeconfig),
+                "PERCH_SLACK_URL": self.slack.url,
+                **(env or {}),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         self.analyzers.append(process)
         return process
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("analyzer-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.tmp.glob("analyzer-*.log"))
+        )
 
     def wait_for(self, predicate, what: str, deadline: float = DEADLINE) -> None:
         end = time.monotonic() + deadline
@@ -209,13 +246,19 @@ class Rollout:
                 return
             for p in self.analyzers:
                 if p.poll() not in (None, -9, -15, 0):
-                    pytest.fail(f"perch-analyzer exited with {p.returncode}:\n{self.logs()[-5000:]}")
+                    pytest.fail(
+                        f"perch-analyzer exited with {p.returncode}:\n{self.logs()[-5000:]}"
+                    )
             time.sleep(0.1)
-        pytest.fail(f"timed out waiting for {what}; status {self.status()}\nevents {self.events()}\n{self.logs()[-5000:]}")
+        pytest.fail(
+            f"timed out waiting for {what}; status {self.status()}\nevents {self.events()}\n{self.logs()[-5000:]}"
+        )
 
 
 @pytest.fixture
-def rollout(standin: StandIn, exporter: IstioExporter, prometheus: PrometheusServer, tmp_path: Path) -> Iterator[Rollout]:
+def rollout(
+    standin: StandIn, exporter: IstioExporter, prometheus: PrometheusServer, tmp_path: Path
+) -> Iterator[Rollout]:
     exporter.clear()
     namespace = f"test-{uuid.uuid4().hex[:5]}"
     client.CoreV1Api(standin.api_client()).create_namespace({"metadata": {"name": namespace}})
@@ -236,7 +279,11 @@ def rollout(standin: StandIn, exporter: IstioExporter, prometheus: PrometheusSer
 
 
 def weights_advanced(events: list[str], name: str) -> list[int]:
-    return [int(m.group(1)) for e in events if (m := re.fullmatch(rf"Advance {name} canary weight (\d+)", e))]
+    return [
+        int(m.group(1))
+        for e in events
+        if (m := re.fullmatch(rf"Advance {name} canary weight (\d+)", e))
+    ]
 
 
 def test_healthy_seed_canary_is_promoted_in_ten_steps(rollout: Rollout) -> None:
@@ -271,7 +318,11 @@ def test_canary_answering_500s_is_rolled_back_after_threshold(rollout: Rollout) 
 
     name = f"podinfo.{rollout.namespace}"
     events = rollout.events()
-    halts = [e for e in events if re.fullmatch(rf"Halt {re.escape(name)} advancement success rate \d+\.\d\d% < 99%", e)]
+    halts = [
+        e
+        for e in events
+        if re.fullmatch(rf"Halt {re.escape(name)} advancement success rate \d+\.\d\d% < 99%", e)
+    ]
     assert len(halts) == 10, events
     assert f"Rolling back {name} failed checks threshold reached 10" in events
     assert rollout.status()["failedChecks"] >= 10
@@ -285,14 +336,16 @@ def test_canary_answering_500s_is_rolled_back_after_threshold(rollout: Rollout) 
 
 
 def test_slow_canary_halts_on_latency(rollout: Rollout) -> None:
-    # p99 interpolated within Istio's 1 s–2.5 s bucket: "request duration 2.485s > 500ms".
+    # p99 interpolated within Istio's 1 s to 2.5 s bucket: "request duration 2.485s > 500ms".
     rollout.flow("podinfo-canary", latency_seconds=1.515)
     rollout.deploy(seed_spec(loadtester=rollout.loadtester.url, threshold=3))
     rollout.start_analyzer("--no-leader-elect")
     rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
     name = f"podinfo.{rollout.namespace}"
     assert any(
-        re.fullmatch(rf"Halt {re.escape(name)} advancement request duration \d+\.\d{{3}}s > 500ms", e)
+        re.fullmatch(
+            rf"Halt {re.escape(name)} advancement request duration \d+\.\d{{3}}s > 500ms", e
+        )
         for e in rollout.events()
     ), rollout.events()
 
@@ -317,7 +370,9 @@ def test_gate_answering_500_counts_as_failed_check(rollout: Rollout) -> None:
 def test_gate_timing_out_counts_as_failed_check(rollout: Rollout) -> None:
     rollout.flow("podinfo-canary")
     rollout.loadtester.delay = 3.0
-    spec = seed_spec(loadtester=rollout.loadtester.url, threshold=2).replace("timeout: 5s", "timeout: 1s")
+    spec = seed_spec(loadtester=rollout.loadtester.url, threshold=2).replace(
+        "timeout: 5s", "timeout: 1s"
+    )
     rollout.deploy(spec)
     rollout.start_analyzer("--no-leader-elect")
     rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
@@ -331,7 +386,10 @@ def test_prometheus_down_halts_and_never_promotes(rollout: Rollout) -> None:
     rollout.start_analyzer("--no-leader-elect", "--prometheus-url", dead)
     rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
     assert any("Prometheus query failed" in e for e in rollout.events()), rollout.events()
-    assert rollout.get("deployments", "podinfo")["spec"]["template"]["spec"]["containers"][0]["image"] != IMAGE_NEW
+    assert (
+        rollout.get("deployments", "podinfo")["spec"]["template"]["spec"]["containers"][0]["image"]
+        != IMAGE_NEW
+    )
 
 
 def test_analyzer_killed_mid_analysis_resumes_without_repeating_a_step(rollout: Rollout) -> None:
@@ -343,7 +401,9 @@ def test_analyzer_killed_mid_analysis_resumes_without_repeating_a_step(rollout: 
     first.wait(10)
     rollout.start_analyzer("--no-leader-elect")
     rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(range(5, 55, 5))
+    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(
+        range(5, 55, 5)
+    )
 
 
 def test_two_analyzers_only_the_leader_acts(rollout: Rollout) -> None:
@@ -353,7 +413,9 @@ def test_two_analyzers_only_the_leader_acts(rollout: Rollout) -> None:
     rollout.start_analyzer("--leader-elect", "--identity", "a", env=env)
     rollout.start_analyzer("--leader-elect", "--identity", "b", env=env)
     rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(range(5, 55, 5))
+    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(
+        range(5, 55, 5)
+    )
     lease = rollout.get("leases", "perch-analyzer")
     assert lease["spec"]["holderIdentity"] in ("a", "b")
 
@@ -370,7 +432,9 @@ def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
 
     rollout.wait_for(lambda: 'perch_canary_status{name="podinfo"' in scrape(), "metrics")
     text = scrape()
-    assert re.search(rf'perch_canary_status{{name="podinfo",namespace="{rollout.namespace}"}} 1\.0', text), text
+    assert re.search(
+        rf'perch_canary_status{{name="podinfo",namespace="{rollout.namespace}"}} 1\.0', text
+    ), text
     assert "perch_canary_weight" in text
     assert "perch_analyzer_ticks_total" in text
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -64,7 +65,12 @@ class IstioExporter:
         self._server: Any = None
 
     def set(
-        self, namespace: str, workload: str, *, error_ratio: float = 0.0, latency_seconds: float = 0.02
+        self,
+        namespace: str,
+        workload: str,
+        *,
+        error_ratio: float = 0.0,
+        latency_seconds: float = 0.02,
     ) -> None:
         with self._lock:
             self.behaviour[(namespace, workload)] = Behaviour(error_ratio, latency_seconds)
@@ -100,7 +106,9 @@ class IstioExporter:
 class DeploymentController:
     """Marks Deployments rolled out, as the Deployment controller and kubelet would."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, *, never_ready: set[str] | None = None):
+    def __init__(
+        self, api: client.ApiClient, namespace: str, *, never_ready: set[str] | None = None
+    ):
         self.apps = client.AppsV1Api(api)
         self.namespace = namespace
         self.never_ready = never_ready if never_ready is not None else set()
@@ -112,10 +120,9 @@ class DeploymentController:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            # A test helper keeps going; the test asserts the outcomes.
+            with contextlib.suppress(Exception):
                 self._reconcile()
-            except Exception:  # noqa: BLE001 - a test helper keeps going; the test asserts outcomes
-                pass
             self._stop.wait(0.1)
 
     def _reconcile(self) -> None:
@@ -136,7 +143,10 @@ class DeploymentController:
             if all(status.get(k) == v for k, v in want.items()):
                 continue
             self.apps.patch_namespaced_deployment_status(
-                meta["name"], self.namespace, {"status": want}, _content_type="application/merge-patch+json"
+                meta["name"],
+                self.namespace,
+                {"status": want},
+                _content_type="application/merge-patch+json",
             )
 
     def stop(self) -> None:
@@ -171,7 +181,7 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(b"ok")
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 return
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
