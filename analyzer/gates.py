@@ -421,13 +421,19 @@ def _excerpt(response: requests.Response, *, deadline: float) -> str:
     return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 1] + "…"
 
 
-def _reason(exc: BaseException) -> str:
-    """The root cause in a few words ("Connection refused"), not requests' nested repr."""
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (requests nests urllib3's, which nests the socket's)."""
     root: BaseException = exc
     seen = {id(root)}
     while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         root = nxt
+    return root
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause in a few words ("Connection refused"), not requests' nested repr."""
+    root = root_cause(exc)
     if isinstance(root, OSError) and root.strerror:
         return root.strerror
     verify = getattr(root, "verify_message", None)

@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.util import Timeout
 
+from analyzer.gates import root_cause
 from analyzer.model import NotificationKind
 from perch.spec import Alert, Analysis, CanarySpec, Severity
 from perch.status import Phase
@@ -348,11 +349,9 @@ def _post_json(url: str, payload: object, *, session: requests.Session, timeout:
 
 
 def _root_reason(exc: BaseException) -> str:
-    root: BaseException = exc
-    seen = {id(root)}
-    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
-        seen.add(id(nxt))
-        root = nxt
+    # Only the kind of failure: the message of a connection error can quote the URL, and a Slack
+    # URL is a credential that must not reach the log.
+    root = root_cause(exc)
     if isinstance(root, OSError) and root.strerror:
         return root.strerror
     return type(root).__name__

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -50,9 +50,6 @@ class Telemetry:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
-        self.total = Gauge(
-            "perch_canary_total", "Canaries known to the analyzer", ["namespace"], registry=r
-        )
         self.ticks = Counter(
             "perch_analyzer_ticks_total", "Analysis ticks run", ["outcome"], registry=r
         )
@@ -68,6 +65,10 @@ class Telemetry:
     ) -> None:
         """Export call counters kept by the clients themselves, read at scrape time."""
         self.registry.register(_CallTotals(kubernetes, prometheus))
+
+    def watch_canaries(self, canaries: Callable[[], Sequence[Mapping[str, Any]]]) -> None:
+        """Export perch_canary_total{namespace} from the watch cache at scrape time."""
+        self.registry.register(_CanaryTotals(canaries))
 
     def watch_lags(self, lags: Callable[[], list[float]]) -> None:
         """Export the scheduler's recent tick lags (start minus scheduled time) as quantiles."""
@@ -111,6 +112,23 @@ class _CallTotals(Collector):
             "Queries the analyzer sent to Prometheus",
             value=self._prometheus(),
         )
+
+
+class _CanaryTotals(Collector):
+    def __init__(self, canaries: Callable[[], Sequence[Mapping[str, Any]]]):
+        self._canaries = canaries
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "perch_canary_total", "Canaries known to the analyzer", labels=["namespace"]
+        )
+        counts: dict[str, int] = {}
+        for obj in self._canaries():
+            namespace = str((obj.get("metadata") or {}).get("namespace") or "")
+            counts[namespace] = counts.get(namespace, 0) + 1
+        for namespace, count in sorted(counts.items()):
+            family.add_metric([namespace], count)
+        yield family
 
 
 class _TickLags(Collector):

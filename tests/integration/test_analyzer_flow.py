@@ -26,7 +26,7 @@ import requests
 from kubernetes import client
 
 from perch.resources import Kube
-from tests.seed import IMAGE_NEW, admission_review, podinfo
+from tests.seed import IMAGE_NEW, SEED_SPEC_EARLY, admission_review, podinfo
 from tests.standin import StandIn
 from tests.support.mesh import DeploymentController, IstioExporter, Recorder, free_port
 from tests.support.prometheus import PrometheusServer, missing_binaries
@@ -39,39 +39,16 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 120.0
 
 
-def seed_spec(
-    *, loadtester: str, metric_interval: str = "5s", threshold: int = 10, extra: str = ""
-) -> str:
-    return f"""\
-autoscalerRef:
-  apiVersion: autoscaling/v2
-  kind: HorizontalPodAutoscaler
-  name: podinfo
-service:
-  port: 9898
-  gateways:
-  - public-gateway.istio-system.svc.cluster.local
-  hosts:
-  - app.example.com
-canaryAnalysis:
-  interval: 1s
-  threshold: {threshold}
-  maxWeight: 50
-  stepWeight: 5
-  metrics:
-  - name: istio_requests_total
-    threshold: 99
-    interval: {metric_interval}
-  - name: istio_request_duration_seconds_bucket
-    threshold: 500
-    interval: {metric_interval}
-  webhooks:
-    - name: load-test
-      url: {loadtester}
-      timeout: 5s
-      metadata:
-        cmd: "hey -z 1m -q 10 -c 2 http://podinfo.test:9898/"
-{extra}"""
+def seed_spec(*, loadtester: str, metric_interval: str = "5s", threshold: int = 10) -> str:
+    """The seed spec, as the article wrote it, with 1 s steps and local stand-ins."""
+    return (
+        SEED_SPEC_EARLY.replace(
+            "interval: 30s\n  threshold: 10", f"interval: 1s\n  threshold: {threshold}"
+        )
+        .replace("interval: 30s", f"interval: {metric_interval}")
+        .replace("http://flagger-loadtester.test/", loadtester)
+        .replace("autoscaling/v2beta1", "autoscaling/v2")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +413,9 @@ def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
         rf'perch_canary_status{{name="podinfo",namespace="{rollout.namespace}"}} 1\.0', text
     ), text
     assert "perch_canary_weight" in text
+    assert re.search(rf'perch_canary_total{{namespace="{rollout.namespace}"}} 1\.0', text), text
+    assert "perch_analyzer_prometheus_queries_total" in text
+    assert "perch_analyzer_tick_lag_seconds" in text
     assert "perch_analyzer_ticks_total" in text
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
