@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     telemetry.watch_lags(scheduler.tick_lags)
-    telemetry.watch_canaries(lambda: cache.items())
+    telemetry.watch_canaries(cache.items)
 
     def started() -> None:
         telemetry.leader.set(1)

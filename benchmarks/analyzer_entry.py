@@ -1,6 +1,8 @@
 """perch-analyzer as its console script runs it, plus a dump of the scheduler's tick lags.
 
-    PERCH_BENCH_DUMP=/tmp/lags.json .venv/bin/python benchmarks/analyzer_entry.py [perch-analyzer flags]
+    PERCH_BENCH_DUMP=/tmp/lags.json .venv/bin/python benchmarks/analyzer_entry.py [FLAGS]
+
+FLAGS are perch-analyzer's.
 
 Runs ``analyzer.__main__.main`` with the same flags and the same code; the only addition is that
 the CanaryScheduler it builds keeps more lag samples and is remembered, so that SIGUSR1 writes its

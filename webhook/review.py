@@ -181,21 +181,24 @@ def review(req: AdmissionRequest, observed: Observed | None, *, now: datetime) -
         )
 
     new_template = _template(new)
-    new_rev = template_revision(new_template)
     spec_text = new_annotations.get(ANNOTATION_SPEC)
     spec_changed = req.operation == "CREATE" or spec_text != _annotations(old).get(ANNOTATION_SPEC)
 
     if req.operation == "UPDATE" and was_opted_in:
         old_template = _template(old)
-        old_rev = template_revision(old_template)
-        if new_rev == old_rev:
+        # Most updates (scale, labels, re-applies) carry the very same template: equal dicts need
+        # no hashing, which is the admission fast path.
+        same = new_template == old_template
+        old_rev = "" if same else template_revision(old_template)
+        if same or template_revision(new_template) == old_rev:
             if spec_changed:
                 try:
                     parse_spec(spec_text)
                 except SpecError as err:
                     return _deny_spec(err)
-            restart = is_restart_only(old_template, new_template)
+            restart = not same and is_restart_only(old_template, new_template)
             return Decision(allowed=True, reason="restart" if restart else "unchanged")
+    new_rev = template_revision(new_template)
     try:
         spec = parse_spec(spec_text)
     except SpecError as err:
