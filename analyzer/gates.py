@@ -40,13 +40,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from threading import Lock
-from typing import Any, Final, Literal, Protocol, TypedDict, cast
+from typing import Any, Final, Protocol, TypedDict, cast
 
 import requests
 from urllib3.util import Timeout
 
+from analyzer.confirm import ConfirmState, confirm_state
 from analyzer.model import EventType, GateOutcome, GateResult
-from perch.spec import Webhook, WebhookType
+from perch.spec import OnTimeout, Webhook, WebhookType
 from perch.status import Phase
 
 __all__ = [
@@ -73,8 +74,6 @@ CONFIRM_TYPES: Final[frozenset[WebhookType]] = frozenset(
     {"confirm-rollout", "confirm-traffic-increase", "confirm-promotion"}
 )
 
-OnTimeout = Literal["abort", "proceed", "wait"]
-ConfirmState = Literal["waiting", "proceed", "abort"]
 
 # Flagger retries with go-retryablehttp (1 s doubling to 30 s). A tick is typically 30-60 s, so
 # Perch keeps the same policy with a shorter backoff: the retries must fit inside the interval.
@@ -141,26 +140,6 @@ def event_payload(
 def approved(results: Sequence[GateResult]) -> bool:
     """Flagger: every confirm gate of the step must answer 2xx; anything else is "not yet"."""
     return all(result.outcome == "pass" for result in results)
-
-
-def confirm_state(
-    *,
-    first_asked_at: datetime,
-    now: datetime,
-    max_wait_seconds: float | None,
-    on_timeout: OnTimeout,
-) -> ConfirmState:
-    """What to do about confirm gates that have not approved yet.
-
-    ``first_asked_at`` is when the gates of this step were first asked for this revision; it must
-    come from the stored status, so that a restarted analyzer keeps counting from the first ask.
-    ``max_wait_seconds`` None waits for ever, as Flagger does.
-    """
-    if max_wait_seconds is None or on_timeout == "wait":
-        return "waiting"
-    if (now - first_asked_at).total_seconds() < max_wait_seconds:
-        return "waiting"
-    return on_timeout
 
 
 # --- gates ---------------------------------------------------------------------------------------

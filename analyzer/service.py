@@ -8,7 +8,6 @@ one stopped.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -33,7 +32,8 @@ from perch.names import ANNOTATION_SPEC, canary_name, is_opted_in
 from perch.objects import canary_deployment
 from perch.resources import CANARIES, DEPLOYMENTS, Kube, Resource, resource_version
 from perch.routers import RouteTarget, router_for
-from perch.spec import CanarySpec, Metric, SpecError, WebhookType, parse_spec
+from perch.spec import CanarySpec, Metric, SpecError, WebhookType
+from perch.speccache import cached_parse_spec
 from perch.status import CanaryStatus, Phase
 
 log = logging.getLogger("perch.analyzer")
@@ -44,18 +44,12 @@ log = logging.getLogger("perch.analyzer")
 IDLE_PHASES: frozenset[Phase] = frozenset({"Initialized", "Succeeded", "Terminated"})
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_spec(text: str | None) -> CanarySpec:
-    """parse_spec is pure and specs rarely change: parse each distinct annotation once."""
-    return parse_spec(text)
-
-
 def spec_of(primary: Mapping[str, Any]) -> CanarySpec | None:
     annotations = (primary.get("metadata") or {}).get("annotations") or {}
     if not is_opted_in(annotations):
         return None
     try:
-        return cached_spec(annotations.get(ANNOTATION_SPEC))
+        return cached_parse_spec(annotations.get(ANNOTATION_SPEC))
     except SpecError:
         # The webhook refuses invalid specs; one can only be here if it was stored around it.
         return None

@@ -60,6 +60,19 @@ Each interval, while analysing, in this order:
    failed check) and the next weight; at maxWeight ``confirm-promotion`` (not 2xx: phase
    WaitingPromotion, metrics still judged each tick) and the promotion.
 
+Confirm gates wait for approval without limit (Flagger), unless a gate has ``maxWait``: the wait
+is counted from the first tick at which the gates of that type were asked and did not all approve
+(``status.confirm_type`` and ``confirm_asked_at``, so a restarted analyzer keeps counting; pauses
+and readiness halts do not stop the clock), and once a gate has not approved within its maxWait
+its ``onTimeout`` applies (``analyzer.gates.confirm_state``): ``abort`` rolls back ("Rolling back
+podinfo.test confirm-promotion gate ship-it not approved within 10m"), ``proceed`` goes on as if
+approved ("Proceeding with podinfo.test: confirm-promotion gate ship-it not approved within 10m
+(onTimeout: proceed)"), ``wait`` keeps waiting with one event. With several gates of one type the
+canary rolls back if any gate aborts, proceeds only if every gate that has not approved proceeds,
+and otherwise waits. The wait ends when the gates approve or proceed, so each traffic increase is
+its own question (after proceed, confirm-promotion's lasts until the copy: blue-green asks it again
+before the copy), and starts afresh for another confirm type or a new revision.
+
 Strategies (``spec.analysis.strategy``):
 
 - canary: weights ``spec.analysis.steps`` (stepWeight or stepWeights, capped at maxWeight). The
@@ -111,8 +124,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Literal
 
+from analyzer.confirm import confirm_state
 from analyzer.model import (
     Action,
     CallGates,
@@ -400,9 +414,11 @@ def _readiness(t: _Tick, s: CanaryStatus) -> tuple[CanaryStatus, bool]:
 def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     """The first step: one-shot gates, then the first weight (or iteration) with no metrics."""
     if t.analysis.webhooks_of("confirm-rollout") and "confirm-rollout" not in s.gates_done:
-        results = _gates(t, "confirm-rollout")
-        waiting = [hook for hook, result in results if not _passed(result)]
-        if waiting:
+        s, confirm = _confirm(t, s, "confirm-rollout")
+        if confirm.outcome == "abort":
+            return _rollback(t, s, confirm.reason)
+        if confirm.outcome == "waiting":
+            waiting = confirm.waiting
             if s.phase != "Waiting":
                 message = f"Halt {t.target} advancement waiting for approval {waiting[0].name}"
                 t.event(message, reason="Waiting", warning=True)
@@ -410,13 +426,22 @@ def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
                     t.notify("halted", message)
                 s = t.to(s, "Waiting", condition=f"Waiting for approval {waiting[0].name}.")
             return s
-        for hook, _ in results:
-            t.event(f"Confirm-rollout check {hook.name} passed", reason="Confirmed")
+        if confirm.outcome == "approved":
+            for hook in t.analysis.webhooks_of("confirm-rollout"):
+                t.event(f"Confirm-rollout check {hook.name} passed", reason="Confirmed")
         s = replace(s, gates_done=(*s.gates_done, "confirm-rollout"))
         if s.phase != "Progressing":
             s = t.to(s, "Progressing")
 
     if t.analysis.webhooks_of("pre-rollout") and "pre-rollout" not in s.gates_done:
+        if "pre-rollout" not in t.asked.gates:
+            # confirm-rollout was approved this tick, so the pre-rollout gates were not asked for
+            # yet: they run at the next tick rather than count as failed.
+            t.event(
+                f"Running the pre-rollout checks of {t.target} at the next interval",
+                reason="Waiting",
+            )
+            return s
         results = _gates(t, "pre-rollout")
         failures = [
             f"pre-rollout check {hook.name} failed {_detail(result)}"
@@ -431,7 +456,8 @@ def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
 
     if t.analysis.strategy != "canary":
         return _iterate(t, s)
-    if not _traffic_increase_confirmed(t):
+    s, go = _traffic_increase(t, s)
+    if not go:
         return s
     return _set_weight(t, s, t.analysis.steps[0])
 
@@ -444,7 +470,8 @@ def _analyse(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     analysis = t.analysis
     if analysis.strategy == "canary":
         if s.canary_weight < analysis.max_weight:
-            if not _traffic_increase_confirmed(t):
+            s, go = _traffic_increase(t, s)
+            if not go:
                 return s
             following = [w for w in analysis.steps if w > s.canary_weight]
             return _set_weight(t, s, following[0] if following else analysis.max_weight)
@@ -453,9 +480,9 @@ def _analyse(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     if s.iterations < iterations:
         return _iterate(t, s)
     if analysis.strategy == "blue-green" and s.iterations == iterations:
-        waiting = _promotion_wait(t, s)
-        if waiting is not None:
-            return waiting
+        s, go = _promotion_wait(t, s)
+        if not go:
+            return s
         # One more judged iteration with all the traffic before the primary is touched.
         t.do(SetWeights(primary=0, canary=TOTAL_WEIGHT))
         t.event(f"Routing all traffic to canary {t.canary}", reason="Advanced")
@@ -481,41 +508,129 @@ def _iterate(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     return s if s.phase == "Progressing" else t.to(s, "Progressing")
 
 
-def _traffic_increase_confirmed(t: _Tick) -> bool:
-    waiting = [
-        hook for hook, result in _gates(t, "confirm-traffic-increase") if not _passed(result)
-    ]
-    if not waiting:
-        return True
+def _traffic_increase(t: _Tick, s: CanaryStatus) -> tuple[CanaryStatus, bool]:
+    """The status and whether the weight may increase (False: hold it, or rolled back)."""
+    s, confirm = _confirm(t, s, "confirm-traffic-increase")
+    if confirm.outcome == "abort":
+        return _rollback(t, s, confirm.reason), False
+    if confirm.outcome != "waiting":
+        return s, True
+    waiting = confirm.waiting
     message = f"Halt {t.target} advancement waiting for traffic increase approval {waiting[0].name}"
     t.event(message, reason="Waiting", warning=True)
     if not waiting[0].mute_alert:
         t.notify("halted", message)
-    return False
+    return s, False
 
 
-def _promotion_wait(t: _Tick, s: CanaryStatus) -> CanaryStatus | None:
-    """None when every confirm-promotion gate approves; else the status waiting for approval."""
-    results = _gates(t, "confirm-promotion")
-    waiting = [hook for hook, result in results if not _passed(result)]
-    if not waiting:
-        for hook, _ in results:
+def _promotion_wait(t: _Tick, s: CanaryStatus) -> tuple[CanaryStatus, bool]:
+    """The status and whether to go on to the promotion (False: waiting, or rolled back)."""
+    s, confirm = _confirm(t, s, "confirm-promotion")
+    if confirm.outcome == "abort":
+        return _rollback(t, s, confirm.reason), False
+    if confirm.outcome == "approved":
+        for hook in t.analysis.webhooks_of("confirm-promotion"):
             t.event(f"Confirm-promotion check {hook.name} passed", reason="Confirmed")
-        return None
+    if confirm.outcome != "waiting":
+        return s, True
     if s.phase == "WaitingPromotion":
-        return s
+        return s, False
+    waiting = confirm.waiting
     message = f"Halt {t.target} advancement waiting for promotion approval {waiting[0].name}"
     t.event(message, reason="Waiting", warning=True)
     if not waiting[0].mute_alert:
         t.notify("halted", message)
-    return t.to(
+    waits = t.to(
         s, "WaitingPromotion", condition=f"Waiting for promotion approval {waiting[0].name}."
     )
+    return waits, False
 
 
 def _confirm_then_promote(t: _Tick, s: CanaryStatus) -> CanaryStatus:
-    waiting = _promotion_wait(t, s)
-    return waiting if waiting is not None else _promote(t, s, why="")
+    s, go = _promotion_wait(t, s)
+    return _promote(t, s, why="") if go else s
+
+
+@dataclass(frozen=True, slots=True)
+class _Confirmation:
+    """What the confirm gates of one type say this tick.
+
+    ``approved``: every gate answered 2xx. ``waiting``: not (yet) approved, keep waiting.
+    ``proceed``: every gate that has not approved ran out of its maxWait with onTimeout proceed.
+    ``abort``: a gate ran out of its maxWait with onTimeout abort (``reason`` says which).
+    """
+
+    outcome: Literal["approved", "waiting", "proceed", "abort"]
+    waiting: tuple[Webhook, ...] = ()
+    reason: str = ""
+
+
+def _confirm(t: _Tick, s: CanaryStatus, kind: WebhookType) -> tuple[CanaryStatus, _Confirmation]:
+    """Judges the confirm gates of `kind` against their maxWait; records when the wait began.
+
+    The wait begins at the first tick at which the gates were asked and did not all approve
+    (status.confirm_asked_at, with confirm_type = `kind`); it ends (the fields are cleared) when
+    they approve, and a wait for another confirm type starts afresh. After ``proceed`` the
+    confirm-promotion wait is kept: blue-green asks confirm-promotion again before the copy, and
+    that second ask must not wait another maxWait.
+    """
+    results = _gates(t, kind)
+    if not results:
+        return s, _Confirmation("approved")  # no gate of this type
+    waiting = tuple(hook for hook, result in results if not _passed(result))
+    if not waiting:
+        return _confirm_cleared(s), _Confirmation("approved")
+    if kind not in t.asked.gates:
+        return s, _Confirmation("waiting", waiting)  # not asked this tick: nothing to count
+    since = _parse(s.confirm_asked_at) if s.confirm_type == kind else None
+    if since is None:
+        asked_at = timestamp(t.now)
+        s = replace(s, confirm_type=kind, confirm_asked_at=asked_at, confirm_timed_out=())
+        since = _parse(asked_at) or t.now
+    states = [
+        confirm_state(
+            first_asked_at=since,
+            now=t.now,
+            max_wait_seconds=hook.max_wait_seconds,
+            on_timeout=hook.on_timeout,
+        )
+        for hook in waiting
+    ]
+    late = [hook for hook, state in zip(waiting, states, strict=True) if state == "abort"]
+    if late:
+        hook = late[0]
+        return s, _Confirmation(
+            "abort", waiting, f"{kind} gate {hook.name} not approved within {hook.max_wait}"
+        )
+    if all(state == "proceed" for state in states):
+        for hook in waiting:
+            t.event(
+                f"Proceeding with {t.target}: {kind} gate {hook.name} not approved within "
+                f"{hook.max_wait} (onTimeout: proceed)",
+                reason="ApprovalTimeout",
+                warning=True,
+            )
+        if kind != "confirm-promotion":
+            s = _confirm_cleared(s)
+        return s, _Confirmation("proceed", waiting)
+    # Still waiting: a gate whose maxWait ran out (onTimeout wait, or proceed while another gate
+    # still waits) is announced once.
+    waited = (t.now - since).total_seconds()
+    for hook in waiting:
+        expired = hook.max_wait_seconds is not None and waited >= hook.max_wait_seconds
+        if expired and hook.name not in s.confirm_timed_out:
+            t.event(
+                f"Halt {t.target} advancement: {kind} gate {hook.name} not approved within "
+                f"{hook.max_wait} (onTimeout: {hook.on_timeout}), still waiting for approval",
+                reason="ApprovalTimeout",
+                warning=True,
+            )
+            s = replace(s, confirm_timed_out=(*s.confirm_timed_out, hook.name))
+    return s, _Confirmation("waiting", waiting)
+
+
+def _confirm_cleared(s: CanaryStatus) -> CanaryStatus:
+    return replace(s, confirm_type="", confirm_asked_at="", confirm_timed_out=())
 
 
 def _promote(t: _Tick, s: CanaryStatus, *, why: str) -> CanaryStatus:
@@ -523,7 +638,7 @@ def _promote(t: _Tick, s: CanaryStatus, *, why: str) -> CanaryStatus:
         t.event(why, reason="Promoting")
     t.event(f"Copying {t.canary} template spec to {t.target}", reason="Promoting")
     t.do(PromoteTemplate(revision=s.canary_revision))
-    return t.to(s, "Promoting")
+    return t.to(_confirm_cleared(s), "Promoting")
 
 
 def _failed_check(t: _Tick, s: CanaryStatus, problems: Sequence[str]) -> CanaryStatus:
@@ -544,7 +659,7 @@ def _failed_check(t: _Tick, s: CanaryStatus, problems: Sequence[str]) -> CanaryS
 def _rollback(t: _Tick, s: CanaryStatus, reason: str) -> CanaryStatus:
     """Analysis over, the canary failed: traffic back to the primary (if it can take it)."""
     t.event(f"Rolling back {t.target} {reason}", reason="RollingBack", warning=True)
-    s = replace(s, failed_revision=s.canary_revision, gates_done=())
+    s = _confirm_cleared(replace(s, failed_revision=s.canary_revision, gates_done=()))
     condition = ""
     if s.canary_weight > 0 and not _serving(t.obs.primary):
         # Sending everything to a primary with no ready pods would turn a partial failure into an
@@ -725,6 +840,9 @@ def _retry(t: _Tick, s: CanaryStatus) -> CanaryStatus:
         analysed_revision="",
         canary_unready_since="",
         primary_unready_since="",
+        confirm_type="",
+        confirm_asked_at="",
+        confirm_timed_out=(),
     )
     return t.to(s, "Progressing")
 
@@ -777,6 +895,9 @@ def _normalised(s: CanaryStatus) -> CanaryStatus:
         gates_done=(),
         canary_unready_since="",
         primary_unready_since="",
+        confirm_type="",
+        confirm_asked_at="",
+        confirm_timed_out=(),
     )
 
 

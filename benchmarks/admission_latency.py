@@ -1061,7 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm_failures += warm["failures"]
             if warm_failures:
                 log(f"warm-up had {warm_failures} failures: {warm['failure_samples']}")
-            spawn_rps = {"spawn_py": warm["rps"], "spawn_py_c1": warm["rps"] / 2}
+            # The warm-up rate is low (cold caches): the rounds' own rates take over after one.
+            spawn_rps = {"spawn_py": warm["rps"], "spawn_py_c1": warm["rps"]}
 
             rounds: list[dict[str, dict[str, Any]]] = []
             for index in range(args.rounds):

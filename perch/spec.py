@@ -47,6 +47,7 @@ from perch.names import ANNOTATION_SPEC
 
 __all__ = [
     "BUILTIN_METRICS",
+    "CONFIRM_WEBHOOK_TYPES",
     "DEFAULT_CANARY_READY_THRESHOLD",
     "DEFAULT_GATEWAY_GROUP",
     "DEFAULT_GATEWAY_KIND",
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_INTERVAL",
     "DEFAULT_MAX_WEIGHT",
     "DEFAULT_METRIC_INTERVAL",
+    "DEFAULT_ON_TIMEOUT",
     "DEFAULT_PORT_NAME",
     "DEFAULT_PRIMARY_READY_THRESHOLD",
     "DEFAULT_PROGRESS_DEADLINE_SECONDS",
@@ -79,6 +81,7 @@ __all__ = [
     "HistogramUnit",
     "JsonValue",
     "Metric",
+    "OnTimeout",
     "Provider",
     "Retries",
     "Rewrite",
@@ -112,6 +115,8 @@ WebhookType: TypeAlias = Literal[
     "rollback",
     "event",
 ]
+# What a confirm gate with maxWait does once it has not approved within maxWait.
+OnTimeout: TypeAlias = Literal["abort", "proceed", "wait"]
 Severity: TypeAlias = Literal["info", "warn", "error"]
 BuiltinMetric: TypeAlias = Literal["request-success-rate", "request-duration"]
 # Which Istio latency histogram request-duration reads: the seed's Istio exported
@@ -137,6 +142,7 @@ DEFAULT_METRIC_INTERVAL: Final = "1m"
 DEFAULT_HISTOGRAM_UNIT: Final[HistogramUnit] = "milliseconds"
 DEFAULT_WEBHOOK_TYPE: Final[WebhookType] = "rollout"
 DEFAULT_WEBHOOK_TIMEOUT: Final = "10s"
+DEFAULT_ON_TIMEOUT: Final[OnTimeout] = "abort"
 DEFAULT_SEVERITY: Final[Severity] = "info"
 DEFAULT_GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
 DEFAULT_GATEWAY_KIND: Final = "Gateway"
@@ -160,6 +166,13 @@ _METRIC_NAMES: Final[Mapping[str, tuple[BuiltinMetric, HistogramUnit | None]]] =
     **EARLY_METRIC_NAMES,
 }
 _WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = get_args(WebhookType)
+# The gates whose non-2xx means "not approved yet": the canary waits (maxWait bounds the wait).
+CONFIRM_WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = (
+    "confirm-rollout",
+    "confirm-traffic-increase",
+    "confirm-promotion",
+)
+_ON_TIMEOUTS: Final[tuple[OnTimeout, ...]] = get_args(OnTimeout)
 _SEVERITIES: Final[tuple[Severity, ...]] = get_args(Severity)
 _PROVIDERS: Final[Mapping[str, tuple[Provider, GatewayApiVersion | None]]] = {
     "istio": ("istio", None),
@@ -463,7 +476,13 @@ class Metric:
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """A gate or notification hook, called with Flagger's webhook payload."""
+    """A gate or notification hook, called with Flagger's webhook payload.
+
+    ``max_wait`` (confirm gates only; ``None``: wait for ever, as Flagger) bounds how long the
+    canary waits for the gate's approval, counted from when it was first asked; ``on_timeout`` is
+    what happens then: ``abort`` (roll back), ``proceed`` (as if approved) or ``wait`` (keep
+    waiting, with an event). It is only meaningful with ``max_wait``.
+    """
 
     name: str
     url: str
@@ -474,6 +493,9 @@ class Webhook:
     mute_alert: bool = False
     retries: int = 0
     disable_tls: bool = False
+    max_wait: str | None = None
+    max_wait_seconds: float | None = None
+    on_timeout: OnTimeout = DEFAULT_ON_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -1402,6 +1424,7 @@ def _webhook(value: object, path: str) -> Webhook:
         path,
         known=(
             "name", "type", "url", "timeout", "metadata", "muteAlert", "retries", "disableTLS",
+            "maxWait", "onTimeout",
         ),
     )  # fmt: skip
     name = fields.required_string("name")
@@ -1414,6 +1437,7 @@ def _webhook(value: object, path: str) -> Webhook:
         raise SpecError(fields.at("type"), _one_of(hook_type, _WEBHOOK_TYPES, "webhook type"))
     url = _check_url(fields.required_string("url"), fields.at("url"))
     timeout, timeout_seconds = fields.duration("timeout", default=DEFAULT_WEBHOOK_TIMEOUT)
+    max_wait, on_timeout = _confirm_wait(fields, hook_type)
     return Webhook(
         name=name,
         url=url,
@@ -1424,7 +1448,39 @@ def _webhook(value: object, path: str) -> Webhook:
         mute_alert=fields.boolean("muteAlert"),
         retries=fields.integer("retries", default=0, minimum=0),
         disable_tls=fields.boolean("disableTLS"),
+        max_wait=max_wait[0] if max_wait else None,
+        max_wait_seconds=max_wait[1] if max_wait else None,
+        on_timeout=on_timeout,
     )
+
+
+def _confirm_wait(
+    fields: _Fields, hook_type: WebhookType
+) -> tuple[tuple[str, float] | None, OnTimeout]:
+    """``maxWait`` and ``onTimeout``: confirm gates only, and onTimeout only with maxWait."""
+    if hook_type not in CONFIRM_WEBHOOK_TYPES:
+        for key in ("maxWait", "onTimeout"):
+            if fields.has(key):
+                raise SpecError(
+                    fields.at(key),
+                    f"{key} only applies to confirm gates ({', '.join(CONFIRM_WEBHOOK_TYPES)}), "
+                    f"not to type {hook_type}",
+                )
+        return None, DEFAULT_ON_TIMEOUT
+    max_wait = fields.optional_duration("maxWait")
+    value = fields.raw("onTimeout")
+    if value is None:
+        return max_wait, DEFAULT_ON_TIMEOUT
+    if not isinstance(value, str):
+        raise _type_error(fields.at("onTimeout"), "a string", value)
+    if value not in _ON_TIMEOUTS:
+        raise SpecError(fields.at("onTimeout"), _one_of(value, _ON_TIMEOUTS, "onTimeout action"))
+    if max_wait is None:
+        raise SpecError(
+            fields.at("onTimeout"),
+            "onTimeout needs maxWait: without maxWait a confirm gate waits for approval for ever",
+        )
+    return max_wait, value
 
 
 def _alert(value: object, path: str) -> Alert:

@@ -81,6 +81,15 @@ class CanaryStatus:
     # last tick. The readiness deadlines (progressDeadlineSeconds) are measured from these.
     canary_unready_since: str = ""
     primary_unready_since: str = ""
+    # The confirm gates waited for: their type (confirm-rollout, confirm-traffic-increase,
+    # confirm-promotion) and since when, RFC 3339, i.e. when they were first asked and did not
+    # approve; "" when no confirm gate is waited for. A gate's maxWait is measured from it, so a
+    # restarted analyzer keeps counting. confirm_timed_out names the gates of that type whose
+    # maxWait has run out with onTimeout "wait" (or "proceed" while another gate still waits),
+    # so that this is announced once.
+    confirm_type: str = ""
+    confirm_asked_at: str = ""
+    confirm_timed_out: tuple[str, ...] = ()
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any] | None) -> CanaryStatus:
@@ -103,6 +112,9 @@ class CanaryStatus:
             analysed_revision=str(raw.get("analysedRevision") or ""),
             canary_unready_since=str(raw.get("canaryUnreadySince") or ""),
             primary_unready_since=str(raw.get("primaryUnreadySince") or ""),
+            confirm_type=str(raw.get("confirmType") or ""),
+            confirm_asked_at=str(raw.get("confirmAskedAt") or ""),
+            confirm_timed_out=tuple(str(g) for g in raw.get("confirmTimedOut") or ()),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -123,6 +135,9 @@ class CanaryStatus:
             "analysedRevision": self.analysed_revision,
             "canaryUnreadySince": self.canary_unready_since,
             "primaryUnreadySince": self.primary_unready_since,
+            "confirmType": self.confirm_type,
+            "confirmAskedAt": self.confirm_asked_at,
+            "confirmTimedOut": list(self.confirm_timed_out),
         }
 
     @property
@@ -229,6 +244,9 @@ def analysis_started(prev: CanaryStatus, *, revision: str, at: datetime) -> Cana
         analysed_revision="",
         canary_unready_since="",
         primary_unready_since="",
+        confirm_type="",
+        confirm_asked_at="",
+        confirm_timed_out=(),
         conditions=(
             _promoted_condition(
                 reason="Progressing",

@@ -26,7 +26,8 @@ from perch.names import (
 from perch.objects import canary_deployment, canary_hpa, canary_service, owner_reference
 from perch.resources import CANARIES, DEPLOYMENTS, HPAS, SERVICES, Kube, Resource, resource_version
 from perch.routers import RouteRef, RouteTarget, router_for
-from perch.spec import CanarySpec, SpecError, parse_spec
+from perch.spec import CanarySpec, SpecError
+from perch.speccache import cached_parse_spec as parse_spec
 from perch.status import CanaryStatus, canary_object, terminated
 from webhook.admission import AdmissionRequest
 from webhook.review import (

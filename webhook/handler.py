@@ -19,9 +19,11 @@ from webhook.admission import AdmissionRequest, parse_review, response_review
 from webhook.contract import AdmitResult
 from webhook.effects import Conflict, RequestEffects
 from webhook.review import Decision, review
+from webhook.telemetry import log_event
 
 log = logging.getLogger("perch.webhook")
 
+QUIET_DECISIONS = frozenset({"ignored", "not-opted-in", "deleting", "unchanged", "restart"})
 # Two writers racing on one Canary object: the loser re-reads and decides again, a few times.
 MAX_ATTEMPTS = 4
 READY_CACHE_SECONDS = 5.0
@@ -42,21 +44,20 @@ class PerchAdmitter:
             decision, extra = self._observe_and_perform(req, decision)
         elif decision.actions and not req.dry_run:
             extra = self._perform_best_effort(req, decision)
-        log.info(
-            "admission %s",
-            decision.reason,
-            extra={
-                "fields": {
-                    "uid": req.uid,
-                    "namespace": req.namespace,
-                    "name": req.name,
-                    "operation": req.operation,
-                    "decision": decision.reason,
-                    "allowed": decision.allowed,
-                    "dryRun": req.dry_run,
-                    "user": req.username,
-                }
-            },
+        # Pass-through decisions are most requests and change nothing: DEBUG keeps them off the
+        # request path's log lock (the request counter counts them anyway).
+        log_event(
+            log,
+            f"admission {decision.reason}",
+            level=logging.DEBUG if decision.reason in QUIET_DECISIONS else logging.INFO,
+            uid=req.uid,
+            namespace=req.namespace,
+            name=req.name,
+            operation=req.operation,
+            decision=decision.reason,
+            allowed=decision.allowed,
+            dryRun=req.dry_run,
+            user=req.username,
         )
         review_body = response_review(
             uid=req.uid,

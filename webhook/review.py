@@ -24,7 +24,8 @@ from perch.names import (
     is_opted_in,
 )
 from perch.revision import is_restart_only, template_revision
-from perch.spec import CanarySpec, SpecError, parse_spec
+from perch.spec import CanarySpec, SpecError
+from perch.speccache import cached_parse_spec as parse_spec
 from perch.status import CanaryStatus, analysis_started, initialized
 from webhook.admission import AdmissionRequest, PatchOp, pointer
 

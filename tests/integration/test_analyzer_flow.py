@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import re
 import signal
 import subprocess
@@ -356,24 +357,38 @@ def test_gate_timing_out_counts_as_failed_check(rollout: Rollout) -> None:
     assert any("load-test" in e for e in rollout.events()), rollout.events()
 
 
-def test_prometheus_down_halts_and_never_promotes(rollout: Rollout) -> None:
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url, threshold=3))
-    dead = f"http://127.0.0.1:{free_port()}"
-    rollout.start_analyzer("--no-leader-elect", "--prometheus-url", dead)
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
-    assert any("Prometheus query failed" in e for e in rollout.events()), rollout.events()
-    assert (
-        rollout.get("deployments", "podinfo")["spec"]["template"]["spec"]["containers"][0]["image"]
-        != IMAGE_NEW
-    )
+def test_prometheus_killed_mid_analysis_halts_and_never_promotes(
+    rollout: Rollout, exporter: IstioExporter, tmp_path: Path
+) -> None:
+    # A Prometheus of its own, so that killing it leaves the other tests theirs.
+    own = PrometheusServer(tmp_path / "own-prometheus", scrape_interval="1s")
+    own.scrape(f"127.0.0.1:{exporter.port}").start()
+    rollout.prometheus = own
+    try:
+        rollout.flow("podinfo-canary")
+        rollout.deploy(seed_spec(loadtester=rollout.loadtester.url, threshold=3))
+        rollout.start_analyzer("--no-leader-elect")
+        rollout.wait_for(lambda: rollout.status().get("canaryWeight", 0) >= 10, "weight 10")
+        own.kill()
+        rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
+    finally:
+        own.stop()
+    events = rollout.events()
+    assert any("Prometheus query failed" in e for e in events), events
+    assert f"Rolling back podinfo.{rollout.namespace} failed checks threshold reached 3" in events
+    primary = rollout.get("deployments", "podinfo")
+    assert primary["spec"]["template"]["spec"]["containers"][0]["image"] != IMAGE_NEW
 
 
 def test_analyzer_killed_mid_analysis_resumes_without_repeating_a_step(rollout: Rollout) -> None:
     rollout.flow("podinfo-canary")
     rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
     first = rollout.start_analyzer("--no-leader-elect")
-    rollout.wait_for(lambda: rollout.status().get("canaryWeight", 0) >= 20, "weight 20")
+    # A random point of the analysis; within the tick, wherever the kill lands.
+    kill_at = random.choice(range(5, 50, 5))
+    rollout.wait_for(
+        lambda: rollout.status().get("canaryWeight", 0) >= kill_at, f"weight {kill_at}"
+    )
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     rollout.start_analyzer("--no-leader-elect")
@@ -419,3 +434,28 @@ def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
     assert "perch_analyzer_ticks_total" in text
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+
+
+def test_kubectl_perch_abort_rolls_back_mid_analysis(rollout: Rollout) -> None:
+    from perch.plugin import main as kubectl_perch
+
+    rollout.flow("podinfo-canary")
+    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
+    rollout.start_analyzer("--no-leader-elect")
+    rollout.wait_for(lambda: rollout.status().get("canaryWeight", 0) >= 10, "weight 10")
+    kubeconfig = str(rollout.standin.kubeconfig(rollout.tmp / "kubectl-config"))
+    assert (
+        kubectl_perch(["--kubeconfig", kubeconfig, "-n", rollout.namespace, "abort", "podinfo"])
+        == 0
+    )
+    rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
+    assert f"Rolling back podinfo.{rollout.namespace} manual abort" in rollout.events()
+    annotations = rollout.get("deployments", "podinfo")["metadata"]["annotations"]
+    rollout.wait_for(
+        lambda: (
+            "perch.dev/action"
+            not in rollout.get("deployments", "podinfo")["metadata"]["annotations"]
+        ),
+        "the action to be cleared",
+    )
+    assert annotations["perch.dev/canary-revision"]

@@ -292,6 +292,34 @@ def test_metric_and_webhook_defaults():
         assert hook.mute_alert is False
 
 
+def test_confirm_gates_max_wait_and_on_timeout():
+    spec = parse_spec(
+        with_analysis(
+            "webhooks:\n"
+            "- {name: approve, type: confirm-rollout, url: 'http://x/', maxWait: 10m}\n"
+            "- {name: more, type: confirm-traffic-increase, url: 'http://x/', maxWait: 90,"
+            " onTimeout: wait}\n"
+            "- {name: ship, type: confirm-promotion, url: 'http://x/', maxWait: 1h30m,"
+            " onTimeout: proceed}\n"
+            "- {name: forever, type: confirm-promotion, url: 'http://x/', maxWait: null,"
+            " onTimeout: null}\n"
+            "- {name: load, url: 'http://x/'}"
+        )
+    )
+    got = [
+        (hook.name, hook.max_wait, hook.max_wait_seconds, hook.on_timeout)
+        for hook in spec.analysis.webhooks
+    ]
+    assert got == [
+        ("approve", "10m", 600.0, "abort"),  # onTimeout defaults to abort with maxWait
+        ("more", "90s", 90.0, "wait"),  # a bare number of seconds, as for timeout
+        ("ship", "1h30m", 5400.0, "proceed"),
+        ("forever", None, None, "abort"),  # null is absent: waits for ever
+        ("load", None, None, "abort"),
+    ]
+    assert Webhook(name="h", url="http://x/").max_wait is None
+
+
 @pytest.mark.parametrize("text", [None, "", "   \n", "# only a comment\n", "~\n", "null"])
 def test_missing_or_empty_annotation_is_refused_naming_service_port(text: str | None):
     with pytest.raises(SpecError) as info:
@@ -1255,6 +1283,83 @@ INVALID = [
         "analysis.webhooks[0].retries",
         "must be 0 or more",
         id="webhook-retries",
+    ),
+    # maxWait and onTimeout: confirm gates only
+    *(
+        pytest.param(
+            webhook(f"{{name: t, url: 'http://x/', {type_}maxWait: 10m}}"),
+            "analysis.webhooks[0].maxWait",
+            "maxWait only applies to confirm gates (confirm-rollout, confirm-traffic-increase, "
+            f"confirm-promotion), not to type {shown}",
+            id=f"max-wait-on-{shown}",
+        )
+        for type_, shown in (
+            ("", "rollout"),
+            ("type: pre-rollout, ", "pre-rollout"),
+            ("type: rollback, ", "rollback"),
+            ("type: post-rollout, ", "post-rollout"),
+            ("type: event, ", "event"),
+        )
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: rollout, onTimeout: proceed}"),
+        "analysis.webhooks[0].onTimeout",
+        "onTimeout only applies to confirm gates",
+        id="on-timeout-on-rollout",
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: confirm-promotion, onTimeout: proceed}"),
+        "analysis.webhooks[0].onTimeout",
+        "onTimeout needs maxWait",
+        id="on-timeout-without-max-wait",
+    ),
+    pytest.param(
+        webhook(
+            "{name: t, url: 'http://x/', type: confirm-rollout, maxWait: 10m, onTimeout: skip}"
+        ),
+        "analysis.webhooks[0].onTimeout",
+        'unknown onTimeout action "skip" (one of: abort, proceed, wait)',
+        id="on-timeout-unknown",
+    ),
+    pytest.param(
+        webhook(
+            "{name: t, url: 'http://x/', type: confirm-rollout, maxWait: 10m, onTimeout: Wait}"
+        ),
+        "analysis.webhooks[0].onTimeout",
+        "did you mean wait?",
+        id="on-timeout-case",
+    ),
+    pytest.param(
+        webhook(
+            "{name: t, url: 'http://x/', type: confirm-rollout, maxWait: 10m, onTimeout: true}"
+        ),
+        "analysis.webhooks[0].onTimeout",
+        "expected a string, got a boolean (true)",
+        id="on-timeout-boolean",
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: confirm-traffic-increase, maxWait: 0s}"),
+        "analysis.webhooks[0].maxWait",
+        "must be more than 0",
+        id="max-wait-zero",
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: confirm-traffic-increase, maxWait: -5m}"),
+        "analysis.webhooks[0].maxWait",
+        'negative duration "-5m"',
+        id="max-wait-negative",
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: confirm-promotion, maxWait: soon}"),
+        "analysis.webhooks[0].maxWait",
+        'invalid duration "soon"',
+        id="max-wait-not-a-duration",
+    ),
+    pytest.param(
+        webhook("{name: t, url: 'http://x/', type: confirm-promotion, maxWait: [10m]}"),
+        "analysis.webhooks[0].maxWait",
+        "expected a duration such as 30s, 1m30s or 500ms, got a list",
+        id="max-wait-list",
     ),
     # alerts
     pytest.param(

@@ -997,6 +997,260 @@ def test_stale_progress_of_another_revision_is_dropped_even_without_the_webhook_
 
 
 # --------------------------------------------------------------------------------------------
+# Confirm gates: maxWait and onTimeout
+# --------------------------------------------------------------------------------------------
+
+
+def elapsed(world: World) -> timedelta:
+    """How long after T0 the last tick ran (World.tick moves the clock on after the step)."""
+    return world.now - world.interval - T0
+
+
+def test_confirm_rollout_past_max_wait_with_abort_rolls_back_then_and_not_before() -> None:
+    gate = hook("approve", "confirm-rollout", maxWait="10s", onTimeout="abort")
+    world = World(spec(interval="1s", webhooks=[gate]), started(), answers={"approve": "fail"})
+    first = world.tick()
+    assert world.status.phase == "Waiting"
+    assert warnings(first) == ["Halt podinfo.test advancement waiting for approval approve"]
+    assert (world.status.confirm_type, world.status.confirm_asked_at) == (
+        "confirm-rollout",
+        timestamp(T0),
+    )
+    for _ in range(9):  # 1s ... 9s: still within the 10s
+        assert world.tick() == ()
+        assert (world.status.phase, world.status.failed_checks) == ("Waiting", 0)
+    actions = world.tick()
+    assert elapsed(world) == timedelta(seconds=10)
+    assert world.status.phase == "Failed"
+    assert warnings(actions) == [
+        "Rolling back podinfo.test confirm-rollout gate approve not approved within 10s",
+        "Canary failed! Scaling down podinfo-canary.test",
+    ]
+    assert of(SetWeights, actions) == [SetWeights(100, 0)]
+    assert of(ScaleCanary, actions) == [ScaleCanary(0)]
+    assert of(CallGates, actions) == [CallGates(type="post-rollout", phase="Failed")]
+    assert notified(actions) == ["failed"]
+    assert world.status.failed_revision == REV
+    assert (world.status.confirm_type, world.status.confirm_asked_at) == ("", "")
+
+
+def test_confirm_promotion_past_max_wait_with_proceed_promotes() -> None:
+    gate = hook("ship-it", "confirm-promotion", maxWait="2m", onTimeout="proceed")
+    world = World(spec(webhooks=[gate]), analysing(30), answers={"ship-it": "fail"})
+    world.tick()
+    assert world.status.phase == "WaitingPromotion"
+    for _ in range(3):  # 30s, 60s, 90s
+        assert world.tick() == ()
+        assert world.status.phase == "WaitingPromotion"
+    actions = world.tick()
+    assert elapsed(world) == timedelta(minutes=2)
+    assert world.status.phase == "Promoting"
+    assert events(actions) == [
+        "Proceeding with podinfo.test: confirm-promotion gate ship-it not approved within 2m "
+        "(onTimeout: proceed)",
+        "Copying podinfo-canary.test template spec to podinfo.test",
+    ]
+    assert of(PromoteTemplate, actions) == [PromoteTemplate(REV)]
+    assert world.status.confirm_type == world.status.confirm_asked_at == ""
+    while world.status.phase != "Succeeded":
+        world.tick()
+
+
+def test_confirm_traffic_increase_past_max_wait_with_wait_keeps_waiting() -> None:
+    gate = hook("more", "confirm-traffic-increase", maxWait="1m", onTimeout="wait")
+    world = World(spec(webhooks=[gate]), analysing(10), answers={"more": "fail"})
+    halt = "Halt podinfo.test advancement waiting for traffic increase approval more"
+    timed_out = (
+        "Halt podinfo.test advancement: confirm-traffic-increase gate more not approved within "
+        "1m (onTimeout: wait), still waiting for approval"
+    )
+    announced = []
+    for _ in range(40):  # 20 minutes
+        actions = world.tick()
+        assert halt in warnings(actions)
+        if timed_out in warnings(actions):
+            announced.append(elapsed(world))
+        assert world.status.phase == "Progressing"
+        assert (world.status.canary_weight, world.status.failed_checks) == (10, 0)
+        assert not of(SetWeights, actions)
+    assert announced == [timedelta(minutes=1)]  # once
+    assert world.status.confirm_timed_out == ("more",)
+    world.answers.clear()
+    actions = world.tick()
+    assert world.status.canary_weight == 20
+    assert (world.status.confirm_type, world.status.confirm_asked_at) == ("", "")
+    assert world.status.confirm_timed_out == ()
+    # The next step is a new question with its own wait.
+    world.answers["more"] = "fail"
+    world.tick()
+    assert world.status.confirm_asked_at == timestamp(world.now - world.interval)
+
+
+def test_approval_before_max_wait_goes_on_as_usual_and_resets_the_wait() -> None:
+    gates = [
+        hook("approve", "confirm-rollout", maxWait="1m"),
+        hook("more", "confirm-traffic-increase", maxWait="1m"),
+    ]
+    world = World(spec(webhooks=gates), started(), answers={"approve": "fail"})
+    world.tick()
+    world.tick()
+    assert world.status.phase == "Waiting"
+    world.answers.clear()
+    actions = world.tick()  # at 60s the gate approves: approval wins over the wait
+    assert (world.status.phase, world.status.canary_weight) == ("Progressing", 10)
+    assert "Confirm-rollout check approve passed" in events(actions)
+    assert (world.status.confirm_type, world.status.confirm_asked_at) == ("", "")
+    # 40 s without approval at weight 10, approved, then 40 s more at 20: 80 s of waiting for
+    # confirm-traffic-increase in all, but never 1m for one step.
+    for answer in ("fail", "fail", "pass", "fail", "fail", "pass"):
+        world.answers["more"] = answer
+        world.tick()
+        assert world.status.phase == "Progressing"
+    assert world.status.canary_weight == 30
+    while world.status.phase != "Succeeded":
+        world.tick()
+    assert world.status.failed_checks == 0
+    assert not any("not approved within" in message for message in warnings(tuple(world.performed)))
+
+
+def test_a_restarted_analyzer_keeps_counting_from_the_first_ask() -> None:
+    gate = hook("ship-it", "confirm-promotion", maxWait="2m")
+    world = World(spec(webhooks=[gate]), analysing(30), answers={"ship-it": "fail"})
+    world.tick()
+    world.tick()
+    stored = world.status.to_wire()
+    assert (stored["confirmType"], stored["confirmAskedAt"], stored["confirmTimedOut"]) == (
+        "confirm-promotion",
+        timestamp(T0),
+        [],
+    )
+    # A new analyzer process: it knows only what the API stored, and its clock.
+    restarted = World(
+        world.spec,
+        CanaryStatus.from_wire(json.loads(json.dumps(stored))),
+        now=world.now,
+        answers={"ship-it": "fail"},
+    )
+    restarted.tick()  # 60s
+    restarted.tick()  # 90s
+    assert restarted.status.phase == "WaitingPromotion"
+    actions = restarted.tick()
+    assert elapsed(restarted) == timedelta(minutes=2)
+    assert restarted.status.phase == "Failed"
+    assert warnings(actions)[0] == (
+        "Rolling back podinfo.test confirm-promotion gate ship-it not approved within 2m"
+    )
+
+
+@pytest.mark.parametrize(
+    ("b", "b_answers", "outcome"),
+    [
+        # every gate that has not approved proceeds: go on once the last one has timed out
+        ({"maxWait": "2m", "onTimeout": "proceed"}, "fail", ("Promoting", 120)),
+        # any abort wins, whether it times out after or before the proceeding gate
+        ({"maxWait": "2m", "onTimeout": "abort"}, "fail", ("Failed", 120)),
+        ({"maxWait": "30s", "onTimeout": "abort"}, "fail", ("Failed", 30)),
+        # a gate that waits, or has no maxWait, holds the others back for ever
+        ({"maxWait": "30s", "onTimeout": "wait"}, "fail", None),
+        ({}, "fail", None),
+        # a gate that approves does not
+        ({}, "pass", ("Promoting", 60)),
+    ],
+)
+def test_several_confirm_gates_of_one_type(
+    b: dict[str, str], b_answers: GateOutcome, outcome: tuple[str, float] | None
+) -> None:
+    gates = [
+        hook("a", "confirm-promotion", maxWait="1m", onTimeout="proceed"),
+        hook("b", "confirm-promotion", **b),
+    ]
+    world = World(spec(webhooks=gates), analysing(30), answers={"a": "fail", "b": b_answers})
+    result = None
+    for _ in range(11):  # five minutes
+        world.tick()
+        if world.status.phase != "WaitingPromotion":
+            result = (world.status.phase, elapsed(world).total_seconds())
+            break
+    assert result == outcome
+    told = [m for m in warnings(tuple(world.performed)) if "not approved within" in m]
+    assert len(told) == len(set(told))  # each timeout is told once
+    if outcome is None:
+        assert (
+            "Halt podinfo.test advancement: confirm-promotion gate a not approved within 1m "
+            "(onTimeout: proceed), still waiting for approval" in told
+        )
+
+
+def test_blue_green_asks_confirm_promotion_twice_but_waits_out_max_wait_once() -> None:
+    gate = hook("ship-it", "confirm-promotion", maxWait="1m", onTimeout="proceed")
+    world = World(
+        spec(stepWeight=None, maxWeight=None, iterations=2, webhooks=[gate]),
+        analysing(0, iterations=2),
+        answers={"ship-it": "fail"},
+    )
+    world.tick()
+    assert world.status.phase == "WaitingPromotion"
+    world.tick()
+    actions = world.tick()  # 60s: proceeds, all traffic to the canary for the last iteration
+    assert (world.status.phase, world.status.canary_weight) == ("Progressing", 100)
+    assert "Routing all traffic to canary podinfo-canary.test" in events(actions)
+    actions = world.tick()  # asked again before the copy: already waited out
+    assert world.status.phase == "Promoting"
+    assert of(PromoteTemplate, actions) == [PromoteTemplate(REV)]
+
+
+def test_confirm_rollout_proceeding_runs_pre_rollout_at_the_next_tick() -> None:
+    gates = [
+        hook("approve", "confirm-rollout", maxWait="1m", onTimeout="proceed"),
+        hook("smoke", "pre-rollout"),
+    ]
+    world = World(spec(webhooks=gates), started(), answers={"approve": "fail"})
+    world.tick()
+    world.tick()
+    actions = world.tick()  # 60s: as if approved; pre-rollout was not asked for this tick
+    assert events(actions) == [
+        "Proceeding with podinfo.test: confirm-rollout gate approve not approved within 1m "
+        "(onTimeout: proceed)",
+        "Running the pre-rollout checks of podinfo.test at the next interval",
+    ]
+    assert (world.status.phase, world.status.failed_checks) == ("Progressing", 0)
+    assert world.status.gates_done == ("confirm-rollout",)
+    actions = world.tick()
+    assert "pre-rollout" in world.asked.gates
+    assert "Pre-rollout check smoke passed" in events(actions)
+    assert (world.status.canary_weight, world.status.failed_checks) == (10, 0)
+
+
+def test_a_new_revision_forgets_the_confirm_wait() -> None:
+    waiting = analysing(
+        30,
+        phase="WaitingPromotion",
+        confirm_type="confirm-promotion",
+        confirm_asked_at=timestamp(T0 - timedelta(hours=1)),
+        confirm_timed_out=("ship-it",),
+    )
+    fresh = analysis_started(waiting, revision=NEWER, at=T0)
+    assert (fresh.confirm_type, fresh.confirm_asked_at, fresh.confirm_timed_out) == ("", "", ())
+    # Without the webhook's reset too: only the revision changed.
+    gate = hook("approve", "confirm-rollout", maxWait="10m")
+    world = World(
+        spec(webhooks=[gate]),
+        replace(waiting, canary_revision=NEWER),
+        route=(70, 30),
+        answers={"approve": "fail"},
+    )
+    world.canary = ready(NEWER)
+    world.tick()
+    world.tick()
+    assert world.status.phase == "Waiting"
+    assert (world.status.confirm_type, world.status.confirm_asked_at) == (
+        "confirm-rollout",
+        timestamp(T0 + world.interval),
+    )
+    assert world.status.confirm_timed_out == ()
+
+
+# --------------------------------------------------------------------------------------------
 # needs(), timestamps
 # --------------------------------------------------------------------------------------------
 
