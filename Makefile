@@ -3,7 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup system-packages lint unit integration bench clean
+.PHONY: test setup system-packages lint unit integration bench clean demo images e2e
+
+## A kind cluster with Istio, Prometheus, podinfo and Perch: a canary promoted, another rolled back.
+demo:
+	bash scripts/demo.sh
+
+## The two images (needs a Docker engine).
+images:
+	bash scripts/build-images.sh
+
+## The end-to-end suite on kind (needs Docker); make test runs it too and skips it without Docker.
+e2e: setup
+	$(BIN)/python -m pytest -q tests/e2e
 
 ## Install what the tests need (Debian packages, a venv, the project), then run every check.
 test: setup lint
