@@ -77,6 +77,12 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> argparse.N
     parser.add_argument(
         "--resync-seconds", type=float, default=float(env.get("PERCH_RESYNC_SECONDS", "30"))
     )
+    parser.add_argument(
+        "--orphan-grace-seconds",
+        type=float,
+        default=float(env.get("PERCH_ORPHAN_GRACE_SECONDS", "120")),
+        help="remove a canary whose revision no primary records after this long",
+    )
     parser.add_argument("--log-level", default=env.get("PERCH_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if args.namespace is None and env.get("PERCH_NAMESPACES"):
@@ -110,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notifications=notifications,
         telemetry=telemetry,
         max_active=args.max_active,
+        orphan_grace=args.orphan_grace_seconds,
     )
     telemetry.count_calls(
         kubernetes=lambda: {

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,13 +29,19 @@ from analyzer.notify import Notifications
 from analyzer.observe import control_action, route_weights, workload
 from analyzer.step import needs, step
 from analyzer.telemetry import Telemetry
-from perch.names import ANNOTATION_SPEC, canary_name, is_opted_in
+from perch.names import (
+    ANNOTATION_CANARY_REVISION,
+    ANNOTATION_REVISION,
+    ANNOTATION_SPEC,
+    canary_name,
+    is_opted_in,
+)
 from perch.objects import canary_deployment
-from perch.resources import CANARIES, DEPLOYMENTS, Kube, Resource, resource_version
+from perch.resources import CANARIES, DEPLOYMENTS, HPAS, Kube, Resource, resource_version
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, Metric, SpecError, WebhookType
 from perch.speccache import cached_parse_spec
-from perch.status import CanaryStatus, Phase
+from perch.status import CanaryStatus, Phase, entered
 
 log = logging.getLogger("perch.analyzer")
 
@@ -53,6 +60,33 @@ def spec_of(primary: Mapping[str, Any]) -> CanarySpec | None:
     except SpecError:
         # The webhook refuses invalid specs; one can only be here if it was stored around it.
         return None
+
+
+# How long after the webhook recorded a revision the primary may take to carry it: the API server
+# stores an admitted update within its request timeout (60 s at most).
+ORPHAN_GRACE_SECONDS = 120.0
+
+
+def is_orphan(
+    status: CanaryStatus,
+    primary: Mapping[str, Any],
+    *,
+    now: datetime,
+    grace_seconds: float = ORPHAN_GRACE_SECONDS,
+) -> bool:
+    """A canary whose release never landed: admission answered, then a later admission plugin (or
+    a failed write) refused the update, so the primary never recorded the revision held back."""
+    if not status.active or not status.canary_revision or not status.phase_entered_at:
+        return False
+    annotations = (primary.get("metadata") or {}).get("annotations") or {}
+    requested = {annotations.get(ANNOTATION_CANARY_REVISION), annotations.get(ANNOTATION_REVISION)}
+    if status.canary_revision in requested:
+        return False
+    try:
+        entered = datetime.fromisoformat(status.phase_entered_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return (now - entered).total_seconds() > grace_seconds
 
 
 class MetricBatcher:
@@ -176,6 +210,7 @@ class Analyzer:
         notifications: Notifications,
         telemetry: Telemetry,
         max_active: int = 0,
+        orphan_grace: float = ORPHAN_GRACE_SECONDS,
         gates: GateRunner | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -183,6 +218,7 @@ class Analyzer:
         self.cache = cache
         self.telemetry = telemetry
         self.max_active = max_active
+        self.orphan_grace = orphan_grace
         self.gates = gates or GateRunner()
         self.notifications = notifications
         self.now = now
@@ -256,9 +292,12 @@ class Analyzer:
             weight=status.canary_weight,
             failed=status.failed_checks,
         )
-        if status.phase in IDLE_PHASES and "perch.dev/action" not in str(primary.get("metadata")):
+        if status.phase in IDLE_PHASES and control_action(primary) is None:
             return "idle"
         now = self.now()
+        if is_orphan(status, primary, now=now, grace_seconds=self.orphan_grace):
+            self._drop_orphan(canary, primary, spec=spec, status=status, now=now)
+            return "orphan"
         need = needs(spec, status, now=now)
         cname = canary_name(name)
         canary_dep = self.cache.get(namespace, cname, kind="Deployment")
@@ -318,6 +357,40 @@ class Analyzer:
             failed=new_status.failed_checks,
         )
         return "advanced"
+
+    def _drop_orphan(
+        self,
+        canary: dict[str, Any],
+        primary: dict[str, Any],
+        *,
+        spec: CanarySpec,
+        status: CanaryStatus,
+        now: datetime,
+    ) -> None:
+        namespace, name = str(canary["metadata"]["namespace"]), str(canary["metadata"]["name"])
+        ctx = TickContext(
+            namespace=namespace, name=name, spec=spec, canary=canary, primary=primary, status=status
+        )
+        self.actor.set_weights(ctx, canary=0)
+        for res in (DEPLOYMENTS, HPAS):
+            self.kube.delete(res, namespace, canary_name(name))
+        message = (
+            f"Revision {status.canary_revision} of {name}.{namespace} was never applied (the "
+            "update was refused after Perch admitted it); canary removed"
+        )
+        self.actor.events.record(canary, reason="Orphaned", message=message, type_="Warning")
+        reset = entered(
+            replace(status, canary_revision="", canary_weight=0, failed_checks=0, gates_done=()),
+            # Back to "nothing to analyse": the primary still runs last_applied_revision.
+            "Initialized",
+            at=now,
+            message=message,
+        )
+        body = {
+            "metadata": {"resourceVersion": resource_version(canary)},
+            "status": reset.to_wire(),
+        }
+        self.kube.merge_patch(CANARIES, namespace, name, body, subresource="status")
 
     def _fire_event_hooks(self, spec: CanarySpec, ctx: TickContext, actions: Sequence[Any]) -> None:
         for action in actions:

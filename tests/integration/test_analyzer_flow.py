@@ -459,3 +459,26 @@ def test_kubectl_perch_abort_rolls_back_mid_analysis(rollout: Rollout) -> None:
         "the action to be cleared",
     )
     assert annotations["perch.dev/canary-revision"]
+
+
+def test_canary_whose_update_was_refused_later_is_removed(rollout: Rollout) -> None:
+    """Perch admitted the update, then a later admission plugin refused it: the primary never
+    records the revision, and the analyzer removes the orphaned canary."""
+    rollout.flow("podinfo-canary")
+    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
+    # Undo what the stored update did to the primary, as if it had never been stored.
+    apps = client.AppsV1Api(rollout.api)
+    apps.patch_namespaced_deployment(
+        "podinfo",
+        rollout.namespace,
+        {"metadata": {"annotations": {"perch.dev/canary-revision": None}}},
+        _content_type="application/merge-patch+json",
+    )
+    rollout.start_analyzer("--no-leader-elect", "--orphan-grace-seconds", "0")
+    rollout.wait_for(
+        lambda: rollout.status().get("phase") == "Initialized", "the orphan to be dropped"
+    )
+    assert ("deployments", rollout.namespace, "podinfo-canary") not in rollout.standin.objects(
+        "deployments"
+    )
+    assert any("was never applied" in e for e in rollout.events())
