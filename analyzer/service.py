@@ -22,7 +22,8 @@ from kubernetes.client.exceptions import ApiException
 from analyzer.act import Actor, TickContext
 from analyzer.events import EventRecorder
 from analyzer.gates import post_event, run_gates
-from analyzer.metrics.prometheus import PrometheusProvider
+from analyzer.metrics.judge import judge
+from analyzer.metrics.prometheus import Measurement, PrometheusProvider
 from analyzer.metrics.queries import query_set_for
 from analyzer.model import Event, GateResult, MetricResult, Observations
 from analyzer.notify import Notifications
@@ -33,6 +34,7 @@ from perch.names import (
     ANNOTATION_CANARY_REVISION,
     ANNOTATION_REVISION,
     ANNOTATION_SPEC,
+    CANARY_SUFFIX,
     canary_name,
     is_opted_in,
 )
@@ -93,34 +95,125 @@ class MetricBatcher:
     """One PromQL query per metric and namespace serves every canary in it.
 
     The first canary of a namespace to need a builtin metric queries it for all canaries there
-    that use the same metric (same name, histogram and window); the others reuse the answer while
-    it is younger than half their interval.
+    that use the same metric (same name, histogram and window); the others reuse the measurement
+    while it is younger than half their interval. What is shared is the measured value, not the
+    verdict: each canary's value is judged against its own thresholdRange.
+
+    A metric with ``primary`` (a comparative check) is also judged against the primary over the
+    same window through :meth:`PrometheusProvider.compare` (one query for a builtin); with a
+    thresholdRange too, both are judged and :meth:`combine` makes them one result, so that step()
+    still sees one result per metric name.
     """
 
     def __init__(self, provider: PrometheusProvider, *, canaries: Callable[[str], list[str]]):
         self.provider = provider
         self._canaries = canaries
         self._lock = threading.Lock()
-        self._results: dict[tuple[Any, ...], tuple[float, dict[str, MetricResult]]] = {}
+        self._measured: dict[tuple[Any, ...], tuple[float, dict[str, Measurement]]] = {}
 
     def evaluate(
-        self, namespace: str, spec: CanarySpec, metric: Metric, *, target: str
+        self,
+        namespace: str,
+        spec: CanarySpec,
+        metric: Metric,
+        *,
+        target: str,
+        primary: str | None = None,
+        at: datetime | None = None,
     ) -> MetricResult:
+        """The metric's result for the canary Deployment ``target``.
+
+        ``primary`` is the primary Deployment's name (by default ``target`` without its
+        ``-canary`` suffix), used only by comparative checks. ``at`` judges a past instant
+        (replay, deterministic tests); such answers are neither taken from nor put in the cache,
+        which holds answers about "now".
+        """
+        query_set = query_set_for(spec.provider)
+        absolute: MetricResult | None = None
+        if metric.threshold_range.has_bounds:
+            absolute = self._absolute(namespace, spec, metric, target=target, at=at)
+        if metric.primary is None:
+            if absolute is None:
+                # The spec refuses such a metric; never read "nothing to judge" as a pass.
+                return MetricResult(
+                    name=metric.name,
+                    outcome="error",
+                    value=None,
+                    message=f"metric {metric.name} has neither thresholdRange nor primary",
+                )
+            return absolute
+        relative = self.provider.compare(
+            namespace,
+            metric,
+            canary=target,
+            primary=primary if primary is not None else target.removesuffix(CANARY_SUFFIX),
+            max_delta=metric.primary.max_delta,
+            max_ratio=metric.primary.max_ratio,
+            at=at,
+            query_set=query_set,
+        )
+        return relative if absolute is None else self.combine(absolute, relative)
+
+    def _absolute(
+        self,
+        namespace: str,
+        spec: CanarySpec,
+        metric: Metric,
+        *,
+        target: str,
+        at: datetime | None,
+    ) -> MetricResult:
+        """The thresholdRange check, batched over the namespace's canaries for a builtin."""
         query_set = query_set_for(spec.provider)
         if metric.builtin is None:
-            return self.provider.evaluate_one(namespace, metric, target, query_set=query_set)
+            return self.provider.evaluate_one(namespace, metric, target, at=at, query_set=query_set)
         key = (namespace, metric.builtin, metric.histogram_unit, metric.interval, query_set)
         max_age = max(spec.analysis.interval_seconds / 2, 0.2)
-        with self._lock:
-            cached = self._results.get(key)
-            if cached and time.monotonic() - cached[0] < max_age and target in cached[1]:
-                return cached[1][target]
-        targets = sorted({target, *self._canaries(namespace)})
-        results = self.provider.evaluate(namespace, metric, targets, query_set=query_set)
-        with self._lock:
-            self._results[key] = (time.monotonic(), results)
-        return results.get(target) or MetricResult(
-            name=metric.name, outcome="error", value=None, message="no result for " + target
+        value: Measurement | None = None
+        if at is None:
+            with self._lock:
+                cached = self._measured.get(key)
+                if cached and time.monotonic() - cached[0] < max_age:
+                    value = cached[1].get(target)
+        if value is None:
+            targets = sorted({target, *self._canaries(namespace)})
+            measured = self.provider.measure(namespace, metric, targets, at=at, query_set=query_set)
+            if at is None:
+                with self._lock:
+                    self._measured[key] = (time.monotonic(), measured)
+            value = measured.get(target)
+        if value is None:
+            return MetricResult(
+                name=metric.name, outcome="error", value=None, message="no result for " + target
+            )
+        if isinstance(value, MetricResult):
+            # No data or a failed query; named after the metric that asked, as judge() does.
+            return replace(value, name=metric.name)
+        return judge(metric, value)
+
+    @staticmethod
+    def combine(absolute: MetricResult, relative: MetricResult) -> MetricResult:
+        """One result from the thresholdRange check and the comparison with the primary.
+
+        It passes only when both pass. Otherwise its outcome is the worst of the two ("fail",
+        then "error", then "no-data": a verdict on measured data says the most), and its message
+        is the message of each check that did not pass, the thresholdRange check's first, joined
+        by "; " and without repeats (a Prometheus outage reads once). Passing, both messages.
+        """
+        results = (absolute, relative)
+        failing = [result for result in results if result.outcome != "pass"]
+        shown = failing or list(results)
+        messages = list(dict.fromkeys(result.message for result in shown if result.message))
+        outcome = absolute.outcome
+        for candidate in ("fail", "error", "no-data"):
+            if any(result.outcome == candidate for result in failing):
+                outcome = candidate
+                break
+        return MetricResult(
+            name=absolute.name,
+            outcome=outcome,
+            value=absolute.value if absolute.value is not None else relative.value,
+            message="; ".join(messages),
         )
 
 
@@ -306,7 +399,7 @@ class Analyzer:
         metrics: tuple[MetricResult, ...] = ()
         if need.metrics:
             metrics = tuple(
-                self.metrics.evaluate(namespace, spec, m, target=cname)
+                self.metrics.evaluate(namespace, spec, m, target=cname, primary=name)
                 for m in spec.analysis.metrics
             )
         gates: tuple[GateResult, ...] = ()

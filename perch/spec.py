@@ -12,6 +12,11 @@ The document has the shape of the ``spec`` of a Flagger ``Canary`` (flagger.app/
   :attr:`CanarySpec.form` records which was written, and :attr:`Metric.histogram_unit` which
   latency histogram was asked for, because the analyzer must query that series.
 
+Beyond Flagger, a metric may be judged against the primary over the same window:
+``primary: {maxDelta, maxRatio}`` (see :class:`PrimaryComparison`). A metric needs a
+``thresholdRange`` (or the early ``threshold``), a ``primary`` comparison, or both; with both, both
+must pass.
+
 Missing values take Flagger's defaults (``DEFAULT_*`` below). ``service.port`` has no default, so
 :func:`parse_spec` refuses a missing or empty annotation with a :class:`SpecError` naming
 ``service.port``: the webhook calls it only for opted-in Deployments, and an opted-in Deployment
@@ -82,6 +87,7 @@ __all__ = [
     "JsonValue",
     "Metric",
     "OnTimeout",
+    "PrimaryComparison",
     "Provider",
     "Retries",
     "Rewrite",
@@ -430,7 +436,10 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class ThresholdRange:
-    """Accepted values of a metric, bounds inclusive; at least one bound is set.
+    """Accepted values of a metric, bounds inclusive.
+
+    At least one bound is set, except for a metric judged only against the primary (its
+    ``primary`` is set and its range is empty: :attr:`has_bounds` is False).
 
     Units: percent for request-success-rate, milliseconds for request-duration (whichever
     histogram is read), the query's own unit for custom metrics.
@@ -439,10 +448,31 @@ class ThresholdRange:
     min: float | None = None
     max: float | None = None
 
+    @property
+    def has_bounds(self) -> bool:
+        """False for the empty range of a metric judged only against the primary."""
+        return self.min is not None or self.max is not None
+
     def contains(self, value: float) -> bool:
         if self.min is not None and value < self.min:
             return False
         return self.max is None or value <= self.max
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryComparison:
+    """``primary``: how much worse than the primary, over the same window, the canary may be.
+
+    ``max_delta``: by how much, in the metric's unit; ``max_ratio``: how many times the primary's
+    value. At least one is set, both are finite and >= 0. "Worse" is higher, except for
+    request-success-rate, which is compared on its error rate (100 - success rate): ``maxDelta:
+    1`` reads "the canary's error rate at most 1 point above the primary's", and on
+    request-duration ``maxRatio: 1.5`` reads "its p99 at most 1.5 times the primary's". With
+    both, both must hold.
+    """
+
+    max_delta: float | None = None
+    max_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +490,9 @@ class Metric:
     ``builtin`` is set for the builtin checks (early names normalised) and None for custom ones
     (``query`` or ``template_ref``). ``histogram_unit`` is set only for request-duration.
     ``interval`` is a valid PromQL duration (a bare number of seconds gets an ``s``), ready to be
-    rendered as ``{{ interval }}``.
+    rendered as ``{{ interval }}``. ``primary`` (beyond Flagger) also judges the canary against
+    the primary; a metric with ``primary`` may have an empty ``threshold_range``, and then only
+    the comparison applies.
     """
 
     name: str
@@ -472,6 +504,7 @@ class Metric:
     query: str | None = None
     template_ref: CrossNamespaceRef | None = None
     template_variables: FrozenDict[str] = _EMPTY
+    primary: PrimaryComparison | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1337,7 +1370,30 @@ def _cross_namespace_ref(fields: _Fields | None) -> CrossNamespaceRef | None:
     )
 
 
-_NEEDS_THRESHOLD = "a metric needs thresholdRange.min or thresholdRange.max"
+_NEEDS_THRESHOLD = (
+    "a metric needs thresholdRange (min or max), primary (maxDelta or maxRatio) to judge it "
+    "against the primary, or both"
+)
+
+
+def _primary_comparison(fields: _Fields | None) -> PrimaryComparison | None:
+    if fields is None:
+        return None
+    limits: dict[str, float | None] = {}
+    for key in ("maxDelta", "maxRatio"):
+        limit = fields.number(key)
+        if limit is not None and not math.isfinite(limit):
+            raise SpecError(fields.at(key), f"expected a finite number, got {limit}")
+        if limit is not None and limit < 0:
+            raise SpecError(fields.at(key), f"must be 0 or more, got {limit:g}")
+        limits[key] = limit
+    if limits["maxDelta"] is None and limits["maxRatio"] is None:
+        raise SpecError(
+            fields.path,
+            "give maxDelta (how much worse than the primary, in the metric's unit), maxRatio "
+            "(how many times the primary's value), or both",
+        )
+    return PrimaryComparison(max_delta=limits["maxDelta"], max_ratio=limits["maxRatio"])
 
 
 def _metric(value: object, path: str, warnings: list[str]) -> Metric:
@@ -1346,7 +1402,7 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         path,
         known=(
             "name", "interval", "thresholdRange", "threshold", "query", "templateRef",
-            "templateVariables",
+            "templateVariables", "primary",
         ),
     )  # fmt: skip
     name = fields.required_string("name")
@@ -1389,10 +1445,19 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         )
     else:
         threshold_range = ThresholdRange()
+    primary = _primary_comparison(fields.child("primary", known=("maxDelta", "maxRatio")))
     low, high = threshold_range.min, threshold_range.max
     range_path = fields.at("thresholdRange") if threshold is None else fields.at("threshold")
     if low is None and high is None:
-        raise SpecError(range_path, _NEEDS_THRESHOLD)
+        if range_fields is not None and primary is not None:
+            # Written but empty: a mistake, not a request for the comparison alone.
+            raise SpecError(
+                range_path,
+                "thresholdRange needs min or max; leave it out to judge the metric against the "
+                "primary alone",
+            )
+        if primary is None:
+            raise SpecError(range_path, _NEEDS_THRESHOLD)
     if low is not None and high is not None and low > high:
         raise SpecError(range_path, f"min {low:g} is more than max {high:g}")
     if builtin == "request-success-rate" and any(
@@ -1415,6 +1480,7 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         query=query,
         template_ref=template_ref,
         template_variables=fields.string_map("templateVariables"),
+        primary=primary,
     )
 
 

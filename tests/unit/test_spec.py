@@ -33,6 +33,7 @@ from perch.spec import (
     CanarySpec,
     FrozenDict,
     Metric,
+    PrimaryComparison,
     Service,
     SpecError,
     ThresholdRange,
@@ -338,7 +339,8 @@ def test_error_message_format():
     assert info.value.path == "analysis.metrics[1].thresholdRange"
     assert str(info.value) == (
         "perch.dev/spec: analysis.metrics[1].thresholdRange: "
-        "a metric needs thresholdRange.min or thresholdRange.max"
+        "a metric needs thresholdRange (min or max), primary (maxDelta or maxRatio) to judge it "
+        "against the primary, or both"
     )
     assert isinstance(info.value, ValueError)
 
@@ -600,6 +602,207 @@ def test_stepweight_alongside_stepweights_is_ignored_with_a_warning():
 
 def test_warnings_do_not_take_part_in_equality():
     assert parse_spec(MINIMAL) == dataclasses.replace(parse_spec(MINIMAL), warnings=())
+
+
+# --------------------------------------------------------------------------------------------
+# Comparative checks: primary {maxDelta, maxRatio}
+# --------------------------------------------------------------------------------------------
+
+NO_RANGE = ThresholdRange()
+
+
+@pytest.mark.parametrize(
+    ("body", "threshold_range", "primary"),
+    [
+        pytest.param(
+            "{name: request-success-rate, primary: {maxDelta: 1}}",
+            NO_RANGE,
+            PrimaryComparison(max_delta=1.0),
+            id="error-rate-delta-alone",
+        ),
+        pytest.param(
+            "{name: request-duration, primary: {maxRatio: 1.5}}",
+            NO_RANGE,
+            PrimaryComparison(max_ratio=1.5),
+            id="p99-ratio-alone",
+        ),
+        pytest.param(
+            "{name: request-duration, thresholdRange: {max: 500}, "
+            "primary: {maxDelta: 100, maxRatio: 1.5}}",
+            ThresholdRange(max=500.0),
+            PrimaryComparison(max_delta=100.0, max_ratio=1.5),
+            id="range-and-both-limits",
+        ),
+        pytest.param(
+            "{name: istio_requests_total, threshold: 99, primary: {maxDelta: 0}}",
+            ThresholdRange(min=99.0),
+            PrimaryComparison(max_delta=0.0),
+            id="early-threshold-and-zero-delta",
+        ),
+        pytest.param(
+            "{name: errors, query: 'sum(x)', primary: {maxRatio: 0, maxDelta: null}}",
+            NO_RANGE,
+            PrimaryComparison(max_ratio=0.0),
+            id="custom-query-zero-ratio-null-delta",
+        ),
+        pytest.param(
+            "{name: request-success-rate, thresholdRange: {min: 99}, primary: null}",
+            ThresholdRange(min=99.0),
+            None,
+            id="null-primary-is-absent",
+        ),
+        pytest.param(
+            "{name: request-success-rate, thresholdRange: {min: 99}}",
+            ThresholdRange(min=99.0),
+            None,
+            id="no-primary",
+        ),
+    ],
+)
+def test_primary_comparison(
+    body: str, threshold_range: ThresholdRange, primary: PrimaryComparison | None
+):
+    m = parse_spec(metric(body)).analysis.metrics[0]
+    assert (m.threshold_range, m.primary) == (threshold_range, primary)
+    assert m.threshold_range.has_bounds == (threshold_range != NO_RANGE)
+    if m.primary is not None:
+        limits = (m.primary.max_delta, m.primary.max_ratio)
+        assert all(isinstance(limit, float) for limit in limits if limit is not None)
+
+
+def test_primary_comparison_in_json_equals_yaml_and_is_hashable():
+    yaml_text = metric(
+        "{name: request-duration, thresholdRange: {max: 500}, primary: {maxRatio: 1.5}}"
+    )
+    json_text = json.dumps(yaml.safe_load(yaml_text))
+    assert parse_spec(json_text) == parse_spec(yaml_text)
+    hash(parse_spec(json_text))
+    comparison = parse_spec(json_text).analysis.metrics[0].primary
+    assert comparison is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        comparison.max_ratio = 2.0  # type: ignore[misc]
+
+
+def test_primary_comparison_defaults_to_none():
+    assert Metric(name="m", query="x", threshold_range=ThresholdRange(max=1)).primary is None
+    assert PrimaryComparison() == PrimaryComparison(max_delta=None, max_ratio=None)
+
+
+COMPARISON_REFUSED = [
+    pytest.param(
+        metric("{name: request-duration, primary: {maxRatio: 1.5, maxDelay: 10}}"),
+        "analysis.metrics[0].primary.maxDelay",
+        'unknown field "maxDelay"; did you mean maxDelta?',
+        id="unknown-field-typo",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxRatio: 1.5, minRatio: 0.5}}"),
+        "analysis.metrics[0].primary.minRatio",
+        'unknown field "minRatio"',
+        id="unknown-field",
+    ),
+    pytest.param(
+        metric("{name: request-success-rate, primary: {maxDelta: -1}}"),
+        "analysis.metrics[0].primary.maxDelta",
+        "must be 0 or more, got -1",
+        id="negative-delta",
+    ),
+    pytest.param(
+        with_analysis(
+            "metrics:\n- {name: request-success-rate, thresholdRange: {min: 99}}\n"
+            "- {name: request-duration, primary: {maxRatio: -0.5}}"
+        ),
+        "analysis.metrics[1].primary.maxRatio",
+        "must be 0 or more, got -0.5",
+        id="negative-ratio",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {}}"),
+        "analysis.metrics[0].primary",
+        "give maxDelta (how much worse than the primary, in the metric's unit), maxRatio "
+        "(how many times the primary's value), or both",
+        id="neither-limit",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxDelta: null, maxRatio: ~}}"),
+        "analysis.metrics[0].primary",
+        "give maxDelta",
+        id="both-limits-null",
+    ),
+    pytest.param(
+        metric("{name: request-duration, thresholdRange: {max: 500}, primary: {}}"),
+        "analysis.metrics[0].primary",
+        "give maxDelta",
+        id="neither-limit-with-range",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxRatio: '1.5'}}"),
+        "analysis.metrics[0].primary.maxRatio",
+        'expected a number, got the string "1.5"; write numbers without quotes',
+        id="quoted-number",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxDelta: yes}}"),
+        "analysis.metrics[0].primary.maxDelta",
+        "expected a number, got a boolean (true)",
+        id="boolean-limit",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxRatio: [1.5]}}"),
+        "analysis.metrics[0].primary.maxRatio",
+        "expected a number, got a list",
+        id="list-limit",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: 1.5}"),
+        "analysis.metrics[0].primary",
+        "expected a mapping of fields, got the number 1.5",
+        id="primary-not-a-mapping",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: podinfo}"),
+        "analysis.metrics[0].primary",
+        'expected a mapping of fields, got the string "podinfo"',
+        id="primary-a-name",
+    ),
+    pytest.param(
+        metric("{name: request-duration, primary: {maxRatio: .inf}}"),
+        "analysis.metrics[0].primary.maxRatio",
+        "not a finite number",
+        id="infinite-ratio",
+    ),
+    pytest.param(
+        metric("{name: request-duration, thresholdRange: {}, primary: {maxRatio: 2}}"),
+        "analysis.metrics[0].thresholdRange",
+        "thresholdRange needs min or max; leave it out to judge the metric against the "
+        "primary alone",
+        id="empty-range-with-primary",
+    ),
+    pytest.param(
+        metric(
+            "{name: request-duration, thresholdRange: {min: 5, max: 1}, primary: {maxRatio: 2}}"
+        ),
+        "analysis.metrics[0].thresholdRange",
+        "min 5 is more than max 1",
+        id="range-still-checked-with-primary",
+    ),
+    pytest.param(
+        metric("{name: request-duration, interval: 30s}"),
+        "analysis.metrics[0].thresholdRange",
+        "a metric needs thresholdRange (min or max), primary (maxDelta or maxRatio) to judge it "
+        "against the primary, or both",
+        id="neither-range-nor-primary",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "reason"), COMPARISON_REFUSED)
+def test_primary_comparison_refused(text: str, path: str, reason: str):
+    with pytest.raises(SpecError) as info:
+        parse_spec(text)
+    assert info.value.path == path, info.value.reason
+    assert reason in info.value.reason
+    assert str(info.value) == f"perch.dev/spec: {path}: {info.value.reason}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1120,20 +1323,26 @@ INVALID = [
     pytest.param(
         metric("{name: request-success-rate}"),
         "analysis.metrics[0].thresholdRange",
-        "a metric needs thresholdRange.min or thresholdRange.max",
+        "a metric needs thresholdRange (min or max), primary (maxDelta or maxRatio)",
         id="metric-without-threshold",
     ),
     pytest.param(
         metric("{name: request-success-rate, thresholdRange: {}}"),
         "analysis.metrics[0].thresholdRange",
-        "a metric needs thresholdRange.min or thresholdRange.max",
+        "a metric needs thresholdRange (min or max), primary (maxDelta or maxRatio)",
         id="metric-empty-range",
     ),
     pytest.param(
         metric("{name: request-success-rate, thresholdRange: {min: null}}"),
         "analysis.metrics[0].thresholdRange",
-        "needs thresholdRange.min or",
+        "needs thresholdRange (min or max), primary",
         id="metric-null-bounds",
+    ),
+    pytest.param(
+        metric("{name: request-success-rate, thresholdRange: {min: null}, primary: null}"),
+        "analysis.metrics[0].thresholdRange",
+        "needs thresholdRange (min or max), primary",
+        id="metric-null-bounds-null-primary",
     ),
     pytest.param(
         metric("{name: errors, query: 'sum(x)'}"),
