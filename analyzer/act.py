@@ -154,9 +154,14 @@ class Actor:
                 f"the Canary {ctx.namespace}/{ctx.name} holds no template to promote"
             )
         primary_template = (ctx.primary.get("spec") or {}).get("template") or {}
-        # Save the last good template first: a promotion that fails puts it back.
-        if (ctx.canary.get("spec") or {}).get("stableTemplate") != primary_template:
-            self.kube.merge_patch(
+        annotations = (ctx.primary.get("metadata") or {}).get("annotations") or {}
+        # Save the last good template first: a promotion that fails puts it back. Not when this
+        # revision was already copied in (a tick repeated after its status write was refused):
+        # the primary then holds the new template, which is not the last good one.
+        copied = annotations.get(ANNOTATION_PROMOTED_REVISION) == revision
+        saved_template = (ctx.canary.get("spec") or {}).get("stableTemplate")
+        if not copied and saved_template != primary_template:
+            ctx.canary = self.kube.merge_patch(
                 CANARIES,
                 ctx.namespace,
                 ctx.name,
@@ -167,6 +172,8 @@ class Actor:
                     }
                 },
             )
+            # ctx.canary now carries the new resourceVersion, which the tick's status write
+            # (guarded by it) needs, or it is refused and the promotion tick runs again.
         self._replace_primary_template(ctx, template=template, mark=revision)
 
     def restore(self, ctx: TickContext, *, revision: str) -> None:

@@ -31,10 +31,11 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 
 from apscheduler.events import (
@@ -101,6 +102,13 @@ class SchedulerStats:
     skipped: int  # runs skipped because the previous tick of that canary was still running
     missed: int  # runs that started later than their misfire grace time, and were dropped
     jobs: int  # canary jobs scheduled now
+
+
+def _offset(job: str, interval: float, *, spread: bool) -> timedelta:
+    """A stable offset within the interval (the same job lands at the same point every term)."""
+    if not spread or interval <= 0:
+        return timedelta(0)
+    return timedelta(seconds=(zlib.crc32(job.encode()) % 1000) / 1000 * interval)
 
 
 def job_id(namespace: str, name: str) -> str:
@@ -255,7 +263,9 @@ class CanaryScheduler:
                 if complete and job.id != RESYNC_JOB_ID and job.id not in wanted:
                     self._remove(job.id)
             for job, interval in wanted.items():
-                self._apply(job, interval)
+                # Jobs added in bulk (start, resync) are spread over their interval, so that a
+                # thousand canaries are not all due in the same instant, every interval.
+                self._apply(job, interval, spread=True)
 
     def jobs(self) -> dict[str, float]:
         """The canary jobs scheduled now: job id (``namespace/name``) → interval in seconds."""
@@ -297,7 +307,7 @@ class CanaryScheduler:
             return "keep"
         return seconds if math.isfinite(seconds) and seconds > 0 else None
 
-    def _apply(self, job: str, interval: float | _Keep | None) -> None:
+    def _apply(self, job: str, interval: float | _Keep | None, *, spread: bool = False) -> None:
         scheduler = self._scheduler
         if scheduler is None or interval == "keep":
             return
@@ -319,7 +329,7 @@ class CanaryScheduler:
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=grace,
-                next_run_time=datetime.now(UTC),
+                next_run_time=datetime.now(UTC) + _offset(job, interval, spread=spread),
                 replace_existing=True,
             )
             log.info("scheduled canary %s every %gs", job, interval)

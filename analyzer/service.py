@@ -329,28 +329,36 @@ class Analyzer:
         if primary is None:
             return None
         spec = spec_of(primary)
-        return spec.analysis.interval_seconds if spec is not None else None
+        if spec is None:
+            return None
+        # Idle canaries get no job (their next change, a new revision or a perch.dev/action on
+        # the Deployment, reschedules them); the rest tick at their interval.
+        phase = (canary.get("status") or {}).get("phase")
+        if phase in IDLE_PHASES and control_action(primary) is None:
+            return None
+        return spec.analysis.interval_seconds
 
     def _active_targets(self, namespace: str) -> list[str]:
-        targets = []
-        for obj in self.cache.items():
+        def pick(obj: Mapping[str, Any]) -> str | None:
             meta = obj.get("metadata") or {}
             if meta.get("namespace") != namespace:
-                continue
-            if CanaryStatus.from_wire(obj.get("status")).phase not in IDLE_PHASES:
-                targets.append(canary_name(str(meta.get("name"))))
-        return targets
+                return None
+            if (obj.get("status") or {}).get("phase") in IDLE_PHASES:
+                return None
+            return canary_name(str(meta.get("name")))
+
+        return list(self.cache.select(pick))
 
     def _progressing(self, namespace: str, name: str) -> int:
         """Other canaries holding a slot of the global cap."""
-        holding = 0
-        for obj in self.cache.items():
+
+        def pick(obj: Mapping[str, Any]) -> bool | None:
             meta = obj.get("metadata") or {}
             if (meta.get("namespace"), meta.get("name")) == (namespace, name):
-                continue
-            if CanaryStatus.from_wire(obj.get("status")).holds_slot:
-                holding += 1
-        return holding
+                return None
+            return CanaryStatus.from_wire(obj.get("status")).holds_slot or None
+
+        return len(self.cache.select(pick))
 
     def _admission(self, namespace: str, name: str, status: CanaryStatus) -> dict[str, Any]:
         if self.max_active <= 0 or status.holds_slot:
@@ -429,7 +437,8 @@ class Analyzer:
         self.actor.perform(ctx, actions)
         self._fire_event_hooks(spec, ctx, actions)
         body = {
-            "metadata": {"resourceVersion": resource_version(canary)},
+            # ctx.canary: an action may have written the Canary object (the saved template).
+            "metadata": {"resourceVersion": resource_version(ctx.canary)},
             "status": new_status.to_wire(),
         }
         try:

@@ -6,9 +6,9 @@
 Real parts: perch-analyzer (``analyzer.__main__.main`` in a subprocess, through
 ``analyzer_entry.py``, which only adds a SIGUSR1 dump of the scheduler's tick lags), the real
 Prometheus server scraping live Istio-style request metrics (tests/support/mesh.py's
-IstioExporter), the webhook's admission logic (``PerchAdmitter``) creating every canary, and the
-Kubernetes API stand-in (tests/standin.py) over HTTP in a process of its own
-(``analyzer_standin.py``), so that neither its CPU nor its GIL is the analyzer's.
+IstioExporter, in a process of its own), the webhook's admission logic (``PerchAdmitter``)
+creating every canary, and the Kubernetes API stand-in (tests/standin.py) over HTTP in a process
+of its own (``analyzer_standin.py``), so that neither its CPU nor its GIL is the analyzer's.
 
 Cases, each with a fresh stand-in, exporter and Prometheus:
 
@@ -54,6 +54,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
@@ -83,7 +84,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from perch.resources import Kube  # noqa: E402
-from tests.seed import IMAGE_NEW, admission_review, podinfo  # noqa: E402
+from tests.seed import IMAGE_NEW, IMAGE_STABLE, admission_review, podinfo  # noqa: E402
 from tests.support.mesh import DeploymentController, IstioExporter, free_port  # noqa: E402
 from tests.support.prometheus import PrometheusServer, missing_binaries  # noqa: E402
 from webhook.handler import PerchAdmitter  # noqa: E402
@@ -97,6 +98,9 @@ STOP_DEADLINE = 20.0
 SETUP_WORKERS = 4
 METRIC_WINDOW = "30s"
 SCALE_SCRAPE = "5s"
+# Healthy traffic for every canary workload: one request a second each keeps the exporter cheap.
+SCALE_REQUESTS_PER_TICK = 1
+SCALE_TRAFFIC_TICK = 1.0
 PROMOTION_SCRAPE = "1s"
 PROMOTION_STEP_WEIGHT = 10
 PROMOTION_MAX_WEIGHT = 50
@@ -494,16 +498,17 @@ def wait_for_rates(
     prometheus_url: str, namespaces: Sequence[str], expected: int, deadline: float = 120.0
 ) -> float:
     """Seconds until Prometheus has a rate over the metric window for every canary workload."""
-    matcher = "|".join(re.escape(ns) for ns in namespaces)
+    matcher = "|".join(namespaces)  # plain names: no regex or PromQL escaping needed
     query = (
         "count(sum by (destination_workload_namespace, destination_workload) "
         f'(rate(istio_requests_total{{reporter="destination",'
         f'destination_workload_namespace=~"{matcher}"}}[{METRIC_WINDOW}])))'
     )
     started = time.monotonic()
-    seen = 0
+    seen, last = 0, ""
     while time.monotonic() < started + deadline:
-        with contextlib.suppress(requests.RequestException, KeyError, IndexError, ValueError):
+        answer: Any = None
+        try:
             answer = requests.get(
                 f"{prometheus_url}/api/v1/query", params={"query": query}, timeout=10
             ).json()
@@ -511,26 +516,96 @@ def wait_for_rates(
             seen = int(float(result[0]["value"][1])) if result else 0
             if seen >= expected:
                 return time.monotonic() - started
+            last = str(answer)[:300]
+        except (requests.RequestException, KeyError, IndexError, ValueError) as exc:
+            last = f"{exc!r} {str(answer)[:300]}"
         time.sleep(0.5)
-    raise RuntimeError(f"Prometheus has rates for {seen} of {expected} workloads after {deadline}s")
+    raise RuntimeError(
+        f"Prometheus has rates for {seen} of {expected} workloads after {deadline:g}s; "
+        f"last answer {last}; targets: {scrape_health(prometheus_url)}"
+    )
+
+
+def _exporter_main(
+    conn: Any, flows: Sequence[tuple[str, str]], requests_per_tick: int, tick_seconds: float
+) -> None:
+    exporter = IstioExporter(requests_per_tick=requests_per_tick, tick_seconds=tick_seconds)
+    for namespace, name in flows:
+        exporter.set(namespace, name)
+    exporter.start()
+    conn.send((exporter.port, os.getpid()))
+    with contextlib.suppress(EOFError):
+        conn.recv()  # until told to stop, or the parent is gone
+    exporter.stop()
+
+
+class ExporterProcess:
+    """IstioExporter with healthy traffic for ``flows`` (namespace, workload), in its own process:
+    its scrape (19 series per workload) must not wait for the benchmark's GIL, nor take the
+    analyzer's."""
+
+    def __init__(
+        self, flows: Sequence[tuple[str, str]], *, requests_per_tick: int, tick_seconds: float
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_exporter_main,
+            args=(child, list(flows), requests_per_tick, tick_seconds),
+            daemon=True,
+        )
+        self.process.start()
+        if not self._conn.poll(START_DEADLINE):
+            self.stop()
+            raise RuntimeError("the exporter process did not start")
+        self.port, self.pid = self._conn.recv()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(None)
+        self.process.join(STOP_DEADLINE)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(STOP_DEADLINE)
 
 
 @contextlib.contextmanager
 def world(
-    directory: Path, namespaces: Sequence[str], scrape_interval: str, **exporter: float
-) -> Iterator[tuple[StandInProcess, IstioExporter, PrometheusServer]]:
-    """A stand-in, an exporter and a Prometheus scraping it; all stopped on the way out."""
+    directory: Path,
+    namespaces: Sequence[str],
+    flows: Sequence[tuple[str, str]],
+    *,
+    scrape_interval: str,
+    requests_per_tick: int,
+    tick_seconds: float,
+) -> Iterator[tuple[StandInProcess, PrometheusServer]]:
+    """A stand-in, an exporter with ``flows`` and a Prometheus scraping it; all stopped after."""
     directory.mkdir(parents=True, exist_ok=True)
     standin = StandInProcess(directory, namespaces)
-    traffic = IstioExporter(**exporter).start()  # type: ignore[arg-type]
+    traffic: ExporterProcess | None = None
     prometheus = PrometheusServer(directory / "prometheus", scrape_interval=scrape_interval)
     try:
+        traffic = ExporterProcess(
+            flows, requests_per_tick=requests_per_tick, tick_seconds=tick_seconds
+        )
         prometheus.scrape(f"{HOST}:{traffic.port}").start()
-        yield standin, traffic, prometheus
+        yield standin, prometheus
     finally:
         prometheus.stop()
-        traffic.stop()
+        if traffic is not None:
+            traffic.stop()
         standin.stop()
+
+
+def scrape_health(prometheus_url: str) -> list[dict[str, Any]]:
+    """Prometheus's view of its scrape targets: health, last error, last scrape's seconds."""
+    with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+        targets = requests.get(f"{prometheus_url}/api/v1/targets", timeout=10).json()
+        return [
+            {k: t.get(k) for k in ("scrapeUrl", "health", "lastError", "lastScrapeDuration")}
+            for t in targets["data"]["activeTargets"]
+        ]
+    return []
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -545,8 +620,20 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+def counter_deltas(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Increase of every counter sample (``..._total``, histogram ``_count``/``_sum``)."""
+    counters = ("_total{", "_count{", "_sum{")
+    return {
+        k: v - before.get(k, 0.0)
+        for k, v in after.items()
+        if any(c in k for c in counters) and v - before.get(k, 0.0)
+    }
+
+
+def gauges(samples: dict[str, float]) -> dict[str, float]:
+    """The other samples (gauges, quantiles, buckets) as they were at the end."""
+    counters = ("_total{", "_count{", "_sum{", "_created{")
+    return {k: v for k, v in samples.items() if not any(c in k for c in counters)}
 
 
 @dataclass
@@ -613,7 +700,7 @@ def measure(
     busy = (end.machine[0] - start.machine[0]) / max(1, end.machine[1] - start.machine[1])
     memory = memory_mb(analyzer.pid)
     ticks = stats["ticks"]
-    own = delta(end.metrics, start.metrics)
+    own = counter_deltas(end.metrics, start.metrics)
     own_queries = sum(v for k, v in own.items() if "prometheus_queries" in k)
     return {
         "window_seconds": round(window, 2),
@@ -630,6 +717,7 @@ def measure(
         "prometheus_queries": end.queries - start.queries,
         "prometheus_queries_per_tick": (end.queries - start.queries) / ticks if ticks else math.nan,
         "analyzer_metrics_delta": own,
+        "analyzer_metrics_end": gauges(end.metrics),
         "analyzer_reported_queries": own_queries,
         "cpu_seconds": round(end.cpu - start.cpu, 3),
         "cpu_cores": (end.cpu - start.cpu) / window,
@@ -675,7 +763,7 @@ def _frame_name(frame: str) -> str:
     return f"{path}:{found['function']}"
 
 
-def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
+def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
     """Self and inclusive shares per function from py-spy's collapsed ("raw") stacks."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -689,7 +777,8 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
         total += count
         own[frames[-1]] += count
         for name in set(frames):
-            inclusive[name] += count
+            if name.startswith(("analyzer/", "perch/")):  # Perch's own code, inclusive
+                inclusive[name] += count
     if not total:
         return {"samples": 0}
 
@@ -711,11 +800,14 @@ def start_analyzer(
 
 def run_baseline(directory: Path, namespaces: Sequence[str], duration: float) -> dict[str, Any]:
     log(f"baseline: the analyzer with no canary, {duration:g}s")
-    with world(directory, namespaces, SCALE_SCRAPE, requests_per_tick=1, tick_seconds=1.0) as (
-        standin,
-        _traffic,
-        prometheus,
-    ):
+    with world(
+        directory,
+        namespaces,
+        [],
+        scrape_interval=SCALE_SCRAPE,
+        requests_per_tick=SCALE_REQUESTS_PER_TICK,
+        tick_seconds=SCALE_TRAFFIC_TICK,
+    ) as (standin, prometheus):
         analyzer = start_analyzer(directory, standin, prometheus)
         try:
             ready = analyzer.wait_ready()
@@ -754,13 +846,15 @@ def run_scale(
     )
     canaries = canary_names(count, namespaces)
     log(f"{count} canaries: setting up (interval {interval:g}s, maxWeight {max_weight})")
-    with world(directory, namespaces, SCALE_SCRAPE, requests_per_tick=1, tick_seconds=1.0) as (
-        standin,
-        traffic,
-        prometheus,
-    ):
-        for namespace, name in canaries:
-            traffic.set(namespace, f"{name}-canary")
+    flows = [(namespace, f"{name}-canary") for namespace, name in canaries]
+    with world(
+        directory,
+        namespaces,
+        flows,
+        scrape_interval=SCALE_SCRAPE,
+        requests_per_tick=SCALE_REQUESTS_PER_TICK,
+        tick_seconds=SCALE_TRAFFIC_TICK,
+    ) as (standin, prometheus):
         setup = set_up_canaries(standin, canaries, spec)
         rates = wait_for_rates(prometheus.url, namespaces, count)
         log(f"{count} canaries: set up in {setup:.1f}s; Prometheus has rates ({rates:.1f}s)")
@@ -836,10 +930,18 @@ def run_promotion(directory: Path, runs: int) -> dict[str, Any]:
         threshold=5,
     )
     results: list[dict[str, Any]] = []
-    with world(directory, namespaces, PROMOTION_SCRAPE) as (standin, traffic, prometheus):
+    flows = [(namespace, "app-canary") for namespace in namespaces]
+    # The flow test's traffic: 20 requests every 0.1 s.
+    with world(
+        directory,
+        namespaces,
+        flows,
+        scrape_interval=PROMOTION_SCRAPE,
+        requests_per_tick=20,
+        tick_seconds=0.1,
+    ) as (standin, prometheus):
         for namespace in namespaces:
             log(f"promotion {namespace}: one canary, interval 1s, {PROMOTION_STEPS} steps")
-            traffic.set(namespace, "app-canary")
             api = standin.api_client()
             controller = DeploymentController(api, namespace).start()
             analyzer: AnalyzerProcess | None = None
@@ -862,7 +964,15 @@ def run_promotion(directory: Path, runs: int) -> dict[str, Any]:
                 if analyzer is not None:
                     analyzer.stop()
                 controller.stop()
+            canary = client.CustomObjectsApi(api).get_namespaced_custom_object(
+                "perch.dev", "v1alpha1", namespace, "canaries", "app"
+            )
             results.append(promotion_result(timeline, scheduler, analyzer.log_tail(10**9)))
+            # A correctness check on the way: the saved last-good template must be the old one.
+            stable = (canary.get("spec") or {}).get("stableTemplate") or {}
+            images = [c.get("image") for c in (stable.get("spec") or {}).get("containers") or []]
+            results[-1]["stable_template_images"] = images
+            results[-1]["stable_template_is_old"] = images == [IMAGE_STABLE]
             log(
                 f"promotion {namespace}: {results[-1]['advance_to_succeeded_s']:.2f}s from the "
                 f"first Advance to Succeeded, overhead {results[-1]['overhead_s']:.2f}s"
@@ -954,28 +1064,37 @@ def _ms(seconds: float) -> str:
 def table(baseline: dict[str, Any], cases: Sequence[dict[str, Any]]) -> str:
     head = (
         "| canaries | ticks (of expected) | lag p50 | lag p99 | lag max | missed | API calls "
-        "/ tick | Prom queries / tick | CPU cores (x baseline) | CPU ms / tick | peak RSS MB "
+        "/ tick | Prom queries / tick | CPU cores (+ over baseline) | CPU ms / tick | peak RSS MB "
         "(+ over baseline) | stand-in CPU | machine busy |"
     )
     lines = [head, "|" + " --- |" * 13]
     lines.append(
-        f"| 0 (baseline) | {baseline['ticks']} | | | | | | | {baseline['cpu_cores']:.3f} (1.0) "
+        f"| 0 (baseline) | {baseline['ticks']} | | | | | | | {baseline['cpu_cores']:.3f} "
         f"| | {baseline['peak_rss_mb']:.0f} | {baseline['standin_cpu_cores']:.2f} "
         f"| {baseline['machine_busy_share']:.0%} |"
     )
-    base_cpu = max(baseline["cpu_cores"], 1e-6)
     for c in cases:
         lines.append(
             f"| {c['canaries']} | {c['ticks']} ({c['tick_coverage']:.0%}) "
             f"| {_ms(c['lag_p50_s'])} | {_ms(c['lag_p99_s'])} | {_ms(c['lag_max_s'])} "
             f"| {c['scheduler']['missed']} | {c['api_calls_per_tick']:.2f} "
             f"| {c['prometheus_queries_per_tick']:.3f} "
-            f"| {c['cpu_cores']:.2f} ({c['cpu_cores'] / base_cpu:.0f}x) "
+            f"| {c['cpu_cores']:.2f} (+{c['cpu_cores'] - baseline['cpu_cores']:.2f}) "
             f"| {c['cpu_ms_per_tick']:.1f} "
             f"| {c['peak_rss_mb']:.0f} (+{c['peak_rss_mb'] - baseline['peak_rss_mb']:.0f}) "
             f"| {c['standin_cpu_cores']:.2f} | {c['machine_busy_share']:.0%} |"
         )
     return "\n".join(lines)
+
+
+def against_baseline(baseline: dict[str, Any], case: dict[str, Any]) -> None:
+    """Increments over the no-canary analyzer of the same run."""
+    case["rss_increment_mb"] = case["peak_rss_mb"] - baseline["peak_rss_mb"]
+    case["rss_kb_per_canary"] = case["rss_increment_mb"] * 1024 / case["canaries"]
+    case["rss_ratio"] = case["peak_rss_mb"] / baseline["peak_rss_mb"]
+    case["cpu_increment_cores"] = case["cpu_cores"] - baseline["cpu_cores"]
+    extra = case["cpu_seconds"] - baseline["cpu_cores"] * case["window_seconds"]
+    case["cpu_increment_ms_per_tick"] = 1000 * extra / case["ticks"] if case["ticks"] else math.nan
 
 
 def verdicts(cases: Sequence[dict[str, Any]], promotion: dict[str, Any] | None) -> list[str]:
@@ -1057,6 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     profile=args.profile,
                 )
             )
+            against_baseline(results["baseline"], cases[-1])
             results["cases"] = cases
         promotion = (
             run_promotion(tmp / "promotion", args.promotion_runs) if args.promotion_runs else None
@@ -1077,6 +1197,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results["baseline"], results["cases"]))
     for line in verdicts(results["cases"], results["promotion"]):
         print(line)
+    for c in results["cases"]:
+        per_tick = ", ".join(
+            f"{k} {v / c['ticks']:.2f}" for k, v in c["api_calls"].items() if c["ticks"]
+        )
+        print(
+            f"{c['canaries']} canaries: API calls per tick: {per_tick}; queries counted by the "
+            f"analyzer {c['analyzer_reported_queries']:.0f}, by Prometheus "
+            f"{c['prometheus_queries']:.0f}; weight gained {c['weight_gained_mean']:.1f} per "
+            f"canary (of {c['window_seconds'] / c['interval_s']:.1f} intervals); skipped "
+            f"{c['scheduler']['skipped']}; tick p99 {_ms(c['tick_duration_p99_s'])}; /metrics "
+            f"{c['metrics_scrape_bytes'] / 1e6:.2f} MB in {c['metrics_scrape_seconds']:.2f}s; "
+            f"peak RSS +{c['rss_kb_per_canary']:.0f} KB per canary"
+        )
+    if results["promotion"]:
+        for run in results["promotion"]["runs"]:
+            print(
+                f"promotion: {run['advance_to_succeeded_s']:.2f}s from the first Advance to "
+                f"Succeeded (ideal {results['promotion']['ideal_s']:g}s), overhead "
+                f"{run['overhead_s']:.2f}s; status conflicts {run['conflicts_logged']}; saved "
+                f"stable template {run['stable_template_images']} "
+                f"({'old, right' if run['stable_template_is_old'] else 'NOT the old one'})"
+            )
     for case in results["cases"]:
         if "profile" in case:
             print(f"profile, {case['canaries']} canaries (GIL holder, share of samples):")

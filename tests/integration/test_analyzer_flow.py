@@ -31,6 +31,7 @@ from tests.seed import IMAGE_NEW, SEED_SPEC_EARLY, admission_review, podinfo
 from tests.standin import StandIn
 from tests.support.mesh import DeploymentController, IstioExporter, Recorder, free_port
 from tests.support.prometheus import PrometheusServer, missing_binaries
+from tests.validation import validate
 from webhook.admission import parse_review
 from webhook.handler import PerchAdmitter
 
@@ -279,6 +280,10 @@ def test_healthy_seed_canary_is_promoted_in_ten_steps(rollout: Rollout) -> None:
     assert rollout.get("deployments", "podinfo-canary")["spec"]["replicas"] == 0
     route = rollout.get("virtualservices", "podinfo")["spec"]["http"][0]["route"]
     assert [r["weight"] for r in route] == [100, 0]
+    # The last good template, kept for a failed promotion, is the old one (and schema-valid).
+    saved = rollout.get("canaries", "podinfo")
+    assert saved["spec"]["stableTemplate"]["spec"]["containers"][0]["image"] != IMAGE_NEW
+    validate(saved)
     # Flagger's load tester contract: its payload, metadata.cmd verbatim.
     calls = [r["body"] for r in rollout.loadtester.received]
     assert calls
