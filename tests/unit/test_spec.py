@@ -41,38 +41,10 @@ from perch.spec import (
     parse_spec,
     to_plain,
 )
+from tests.seed import SEED_SPEC_EARLY
 
 # The seed article's spec, verbatim (minus targetRef): Flagger's early form.
-SEED_EARLY = """\
-autoscalerRef:
-  apiVersion: autoscaling/v2beta1
-  kind: HorizontalPodAutoscaler
-  name: podinfo
-service:
-  port: 9898
-  gateways:
-  - public-gateway.istio-system.svc.cluster.local
-  hosts:
-  - app.example.com
-canaryAnalysis:
-  interval: 30s
-  threshold: 10
-  maxWeight: 50
-  stepWeight: 5
-  metrics:
-  - name: istio_requests_total
-    threshold: 99
-    interval: 30s
-  - name: istio_request_duration_seconds_bucket
-    threshold: 500
-    interval: 30s
-  webhooks:
-    - name: load-test
-      url: http://flagger-loadtester.test/
-      timeout: 5s
-      metadata:
-        cmd: "hey -z 1m -q 10 -c 2 http://podinfo.test:9898/"
-"""
+SEED_EARLY = SEED_SPEC_EARLY
 
 # The same release in the current, documented form.
 SEED_CURRENT = """\
