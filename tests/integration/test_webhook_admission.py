@@ -184,6 +184,16 @@ def seed(cluster: Cluster, *, spec: str = SEED_SPEC_EARLY, hpa: bool = True) -> 
         )
     response = cluster.create(podinfo(namespace=cluster.ns, spec=spec, uid=None))
     assert response["allowed"], response
+    # The adopter gives the objects made during the CREATE their owner in the background; wait
+    # for it, so that what a test counts afterwards is its own doing.
+    wait_for(
+        lambda: all(
+            obj.get("metadata", {}).get("ownerReferences")
+            for (plural, _, _), obj in cluster.objects().items()
+            if plural in ("canaries", "services", "virtualservices", "httproutes")
+        ),
+        "the objects made during the CREATE to be adopted",
+    )
     return response
 
 
