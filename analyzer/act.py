@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from analyzer.events import EventRecorder
@@ -65,6 +65,8 @@ class TickContext:
     canary: dict[str, Any]  # the Canary object as read at the start of the tick
     primary: dict[str, Any]  # the primary Deployment as read at the start of the tick
     status: CanaryStatus  # the status after the step
+    # Route objects already read this tick, by name: the weights are set without reading again.
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Actor:
@@ -125,7 +127,7 @@ class Actor:
         for desired in router.build(target, ctx.spec, canary_weight=canary):
             ref = refs[(desired["kind"], desired["metadata"]["name"])]
             res = Resource(ref.group, ref.version, ref.plural)
-            existing = self.kube.get(res, ctx.namespace, ref.name)
+            existing = ctx.routes.pop(ref.name, None) or self.kube.get(res, ctx.namespace, ref.name)
             if existing is None:
                 self.kube.create(res, ctx.namespace, desired)
                 continue

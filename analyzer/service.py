@@ -413,11 +413,14 @@ class Analyzer:
         gates: tuple[GateResult, ...] = ()
         if need.gates:
             gates = self.gates.run(spec, need.gates, name=name, namespace=namespace, status=status)
+        routes = self._read_routes(namespace, name, spec)
         obs = Observations(
             now=now,
             canary=workload(canary_dep, canary=True),
             primary=workload(primary),
-            route_weights=self._route_weights(namespace, name, spec),
+            route_weights=route_weights(
+                list(routes.values()), name=name, namespace=namespace, spec=spec
+            ),
             metrics=metrics,
             gates=gates,
             control=control_action(primary),
@@ -433,6 +436,7 @@ class Analyzer:
             canary=canary,
             primary=primary,
             status=new_status,
+            routes=routes,
         )
         self.actor.perform(ctx, actions)
         self._fire_event_hooks(spec, ctx, actions)
@@ -506,14 +510,17 @@ class Analyzer:
                     event_type=action.type,
                 )
 
-    def _route_weights(self, namespace: str, name: str, spec: CanarySpec) -> tuple[int, int] | None:
+    def _read_routes(
+        self, namespace: str, name: str, spec: CanarySpec
+    ) -> dict[str, dict[str, Any]]:
+        """The route object that carries the weights (the first the router makes), by name."""
         target = RouteTarget(name=name, namespace=namespace)
-        routes: list[Mapping[str, Any]] = []
+        routes: dict[str, dict[str, Any]] = {}
         for ref in router_for(spec.provider).refs(target, spec)[:1]:
             obj = self.kube.get(Resource(ref.group, ref.version, ref.plural), namespace, ref.name)
             if obj is not None:
-                routes.append(obj)
-        return route_weights(routes, name=name, namespace=namespace, spec=spec)
+                routes[ref.name] = obj
+        return routes
 
     def _recreate_canary(
         self, canary: Mapping[str, Any], primary: Mapping[str, Any]

@@ -32,7 +32,6 @@ from tests.standin import StandIn
 from tests.support.mesh import DeploymentController, IstioExporter, Recorder, free_port
 from tests.support.prometheus import PrometheusServer, missing_binaries
 from tests.validation import validate
-from webhook.admission import parse_review
 from webhook.handler import PerchAdmitter
 
 pytestmark = pytest.mark.skipif(missing_binaries() is not None, reason=str(missing_binaries()))
@@ -160,7 +159,6 @@ class Rollout:
         assert answer["allowed"], answer
         if "patch" in answer:
             obj = jsonpatch.apply_patch(obj, json.loads(base64.b64decode(answer["patch"])))
-        parse_review(review)
         return obj
 
     def get(self, plural: str, name: str) -> dict[str, Any]:
