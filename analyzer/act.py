@@ -1,26 +1,34 @@
 """Performs the actions step() decided, against the Kubernetes API and the outside world.
 
-Every Kubernetes write here converges on a desired state (weights, replicas, a template), so a tick
-repeated after a crash between an action and the status write does no harm.
+The actions come in the order of the commit protocol (analyzer.step): the Canary object's saved
+template, the status (``CommitStatus``, which the shell writes through the ``commit`` callback),
+then the writes to the cluster, the records, and the control annotation. Every write converges on
+a desired state (weights, replicas, a template), so the next tick can finish one cut short.
+The writes that follow a read carry its resourceVersion (the saved template, the primary's
+template), so a write based on a stale read is refused rather than applied.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from kubernetes.client.exceptions import ApiException
 
 from analyzer.events import EventRecorder
 from analyzer.model import (
     Action,
     CallGates,
     ClearControl,
+    CommitStatus,
     Event,
     Notify,
     PromoteTemplate,
     RestorePrimary,
+    SaveStableTemplate,
     ScaleCanary,
     SetWeights,
 )
@@ -35,6 +43,7 @@ from perch.names import (
 )
 from perch.objects import owner_reference
 from perch.resources import CANARIES, DEPLOYMENTS, Kube, Resource, resource_version
+from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, WebhookType
 from perch.status import CanaryStatus
@@ -78,9 +87,21 @@ class Actor:
         self.gates = gates
         self.notifier = notifier
 
-    def perform(self, ctx: TickContext, actions: tuple[Action, ...]) -> None:
+    def perform(
+        self,
+        ctx: TickContext,
+        actions: tuple[Action, ...],
+        *,
+        commit: Callable[[TickContext], None],
+    ) -> None:
+        """Performs the actions in order; ``commit`` writes the status at CommitStatus (and
+        raises when the write is refused, which ends the tick there)."""
         for action in actions:
             match action:
+                case SaveStableTemplate():
+                    self.save_stable(ctx, revision=action.revision)
+                case CommitStatus():
+                    commit(ctx)
                 case SetWeights():
                     self.set_weights(ctx, canary=action.canary)
                 case ScaleCanary():
@@ -149,39 +170,52 @@ class Actor:
             return
         self.kube.merge_patch(DEPLOYMENTS, ctx.namespace, cname, {"spec": {"replicas": replicas}})
 
+    def save_stable(self, ctx: TickContext, *, revision: str) -> None:
+        """The primary's template, the last good one, kept in the Canary object for a restore."""
+        primary_template = (ctx.primary.get("spec") or {}).get("template") or {}
+        if template_revision(primary_template) != revision:
+            raise PromotionError(
+                f"the primary {ctx.namespace}/{ctx.name} no longer runs revision {revision}"
+            )
+        spec = ctx.canary.get("spec") or {}
+        if (
+            spec.get("stableTemplate") == primary_template
+            and spec.get("stableRevision") == revision
+        ):
+            return
+        # Conditional on the Canary read at the start of the tick, like the status write that
+        # follows; its answer carries the resourceVersion that write needs.
+        try:
+            ctx.canary = self.kube.merge_patch(
+                CANARIES,
+                ctx.namespace,
+                ctx.name,
+                {
+                    "metadata": {"resourceVersion": resource_version(ctx.canary)},
+                    "spec": {"stableTemplate": primary_template, "stableRevision": revision},
+                },
+            )
+        except ApiException as exc:
+            if _refused(exc):
+                raise StaleRead("the Canary object was written by someone else") from exc
+            raise
+
     def promote(self, ctx: TickContext, *, revision: str) -> None:
         template = (ctx.canary.get("spec") or {}).get("template")
         if not isinstance(template, dict):
             raise PromotionError(
                 f"the Canary {ctx.namespace}/{ctx.name} holds no template to promote"
             )
-        primary_template = (ctx.primary.get("spec") or {}).get("template") or {}
-        annotations = (ctx.primary.get("metadata") or {}).get("annotations") or {}
-        # Save the last good template first: a promotion that fails puts it back. Not when this
-        # revision was already copied in (a tick repeated after its status write was refused):
-        # the primary then holds the new template, which is not the last good one.
-        copied = annotations.get(ANNOTATION_PROMOTED_REVISION) == revision
-        saved_template = (ctx.canary.get("spec") or {}).get("stableTemplate")
-        if not copied and saved_template != primary_template:
-            ctx.canary = self.kube.merge_patch(
-                CANARIES,
-                ctx.namespace,
-                ctx.name,
-                {
-                    "spec": {
-                        "stableTemplate": primary_template,
-                        "stableRevision": ctx.status.last_applied_revision,
-                    }
-                },
-            )
-            # ctx.canary now carries the new resourceVersion, which the tick's status write
-            # (guarded by it) needs, or it is refused and the promotion tick runs again.
         self._replace_primary_template(ctx, template=template, mark=revision)
 
     def restore(self, ctx: TickContext, *, revision: str) -> None:
-        stable = (ctx.canary.get("spec") or {}).get("stableTemplate")
-        if not isinstance(stable, dict):
-            raise PromotionError(f"no saved template to restore for {ctx.namespace}/{ctx.name}")
+        spec = ctx.canary.get("spec") or {}
+        stable = spec.get("stableTemplate")
+        if not isinstance(stable, dict) or spec.get("stableRevision") != revision:
+            raise PromotionError(
+                f"no saved template of revision {revision} to restore for "
+                f"{ctx.namespace}/{ctx.name}"
+            )
         self._replace_primary_template(ctx, template=stable, mark=revision)
 
     def _replace_primary_template(
@@ -206,11 +240,25 @@ class Actor:
                 "value": mark,
             }
         )
-        self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
+        try:
+            self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
+        except ApiException as exc:
+            if _refused(exc):
+                raise StaleRead(f"the primary changed since it was read: {exc.reason}") from exc
+            raise
 
     def clear_control(self, ctx: TickContext) -> None:
         body = {"metadata": {"annotations": {ANNOTATION_ACTION: None}}}
         self.kube.merge_patch(DEPLOYMENTS, ctx.namespace, ctx.name, body)
+
+
+class StaleRead(Exception):
+    """A conditional write was refused: what the tick read has changed since."""
+
+
+def _refused(exc: ApiException) -> bool:
+    # 409: a resourceVersion precondition failed; 422: a JSON patch "test" op failed.
+    return exc.status in (409, 422)
 
 
 class RouteNotOurs(Exception):

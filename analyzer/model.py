@@ -82,8 +82,11 @@ class Needs:
     gates: tuple[WebhookType, ...] = ()
 
 
-# Actions, performed by analyzer.act in order; the new status is written last, with the
-# resourceVersion read at the start of the tick, so that a tick is all-or-nothing.
+# Actions, performed by the shell in the order step() gives them. CommitStatus is where the new
+# status is written, conditionally on the resourceVersion read at the start of the tick: step()
+# puts it before every write to the cluster, so a tick whose status write is refused (someone
+# wrote first) changes nothing, and a tick cut short after it is finished by the next one from
+# what it observes (analyzer.step's module docstring lists how).
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,16 +102,30 @@ class ScaleCanary:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveStableTemplate:
+    """Save the primary's template (of `revision`) in the Canary object before a promotion, so
+    that a failed promotion can put it back. Written before the status, with its precondition."""
+
+    revision: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStatus:
+    """Write the tick's new status here (conditionally); a refused write ends the tick."""
+
+
+@dataclass(frozen=True, slots=True)
 class PromoteTemplate:
-    """Copy the canary's template into the primary with the promotion mark for `revision`,
-    saving the primary's current template first so that a failed promotion can restore it."""
+    """Copy the canary's template into the primary with the promotion mark for `revision`. The
+    committed status names `revision` as its handoff, which is what lets it through admission."""
 
     revision: str
 
 
 @dataclass(frozen=True, slots=True)
 class RestorePrimary:
-    """Put the saved last good template back into the primary (a promotion that failed)."""
+    """Put the saved last good template (of `revision`, the committed handoff) back into the
+    primary: a promotion that failed."""
 
     revision: str
 
@@ -140,7 +157,9 @@ class ClearControl:
 
 
 Action = (
-    SetWeights
+    SaveStableTemplate
+    | CommitStatus
+    | SetWeights
     | ScaleCanary
     | PromoteTemplate
     | RestorePrimary

@@ -19,7 +19,7 @@ from typing import Any
 import requests
 from kubernetes.client.exceptions import ApiException
 
-from analyzer.act import Actor, TickContext
+from analyzer.act import Actor, StaleRead, TickContext
 from analyzer.events import EventRecorder
 from analyzer.gates import post_event, run_gates
 from analyzer.metrics.judge import judge
@@ -39,6 +39,7 @@ from perch.names import (
     is_opted_in,
 )
 from perch.objects import canary_deployment
+from perch.revision import template_revision
 from perch.resources import CANARIES, DEPLOYMENTS, HPAS, Kube, Resource, resource_version
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, Metric, SpecError, WebhookType
@@ -333,10 +334,21 @@ class Analyzer:
             return None
         # Idle canaries get no job (their next change, a new revision or a perch.dev/action on
         # the Deployment, reschedules them); the rest tick at their interval.
-        phase = (canary.get("status") or {}).get("phase")
-        if phase in IDLE_PHASES and control_action(primary) is None:
+        if self._idle(canary, primary):
             return None
         return spec.analysis.interval_seconds
+
+    def _idle(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> bool:
+        """Nothing to do until something changes: an idle phase, no control asked for, and no
+        canary pods left running (a tick cut short after committing Succeeded leaves them)."""
+        phase = (canary.get("status") or {}).get("phase")
+        if phase not in IDLE_PHASES or control_action(primary) is not None:
+            return False
+        meta = canary.get("metadata") or {}
+        canary_dep = self.cache.get(
+            meta.get("namespace", ""), canary_name(str(meta.get("name", ""))), kind="Deployment"
+        )
+        return canary_dep is None or workload(canary_dep).desired == 0
 
     def _active_targets(self, namespace: str) -> list[str]:
         def pick(obj: Mapping[str, Any]) -> str | None:
@@ -393,7 +405,7 @@ class Analyzer:
             weight=status.canary_weight,
             failed=status.failed_checks,
         )
-        if status.phase in IDLE_PHASES and control_action(primary) is None:
+        if self._idle(canary, primary):
             return "idle"
         now = self.now()
         if is_orphan(status, primary, now=now, grace_seconds=self.orphan_grace):
@@ -438,23 +450,16 @@ class Analyzer:
             status=new_status,
             routes=routes,
         )
-        self.actor.perform(ctx, actions)
-        self._fire_event_hooks(spec, ctx, actions)
-        body = {
-            # ctx.canary: an action may have written the Canary object (the saved template).
-            "metadata": {"resourceVersion": resource_version(ctx.canary)},
-            "status": new_status.to_wire(),
-        }
         try:
-            self.kube.merge_patch(CANARIES, namespace, name, body, subresource="status")
-        except ApiException as exc:
-            if exc.status == 409:
-                # Someone (the webhook, a new revision) wrote first: the next tick starts from that.
-                log.info(
-                    "status of %s.%s changed during the tick; retrying next tick", name, namespace
-                )
-                return "conflict"
-            raise
+            self.actor.perform(ctx, actions, commit=self._commit)
+        except StaleRead as stale:
+            # Someone (the webhook, a new revision, a user) wrote first: the next tick decides
+            # from what they wrote. Nothing after the refused write was done.
+            log.info(
+                "%s.%s changed during the tick (%s); the next tick goes on", name, namespace, stale
+            )
+            return "conflict"
+        self._fire_event_hooks(spec, ctx, actions)
         self.telemetry.record_canary(
             name=name,
             namespace=namespace,
@@ -463,6 +468,22 @@ class Analyzer:
             failed=new_status.failed_checks,
         )
         return "advanced"
+
+    def _commit(self, ctx: TickContext) -> None:
+        """The tick's status, conditional on the Canary as read at its start (or as the tick's
+        own SaveStableTemplate left it)."""
+        body = {
+            "metadata": {"resourceVersion": resource_version(ctx.canary)},
+            "status": ctx.status.to_wire(),
+        }
+        try:
+            ctx.canary = self.kube.merge_patch(
+                CANARIES, ctx.namespace, ctx.name, body, subresource="status"
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise StaleRead("the Canary's status was written by someone else") from exc
+            raise
 
     def _drop_orphan(
         self,
@@ -485,9 +506,18 @@ class Analyzer:
             "update was refused after Perch admitted it); canary removed"
         )
         self.actor.events.record(canary, reason="Orphaned", message=message, type_="Warning")
+        runs = template_revision(((primary.get("spec") or {}).get("template")) or {})
         reset = entered(
-            replace(status, canary_revision="", canary_weight=0, failed_checks=0, gates_done=()),
-            # Back to "nothing to analyse": the primary still runs last_applied_revision.
+            replace(
+                status,
+                canary_revision="",
+                canary_weight=0,
+                failed_checks=0,
+                gates_done=(),
+                handoff_revision="",
+                last_applied_revision=runs,
+            ),
+            # Back to "nothing to analyse", with the revision the primary runs.
             "Initialized",
             at=now,
             message=message,

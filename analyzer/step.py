@@ -6,15 +6,28 @@ The shell (the APScheduler job) does, each tick::
     obs = Observations(...)                        # readiness, route weights, control annotation,
                                                    # admission to a slot, and what `wanted` asked
     new_status, actions = step(spec, status, obs, name=..., namespace=...)
-    perform(actions) in order; write new_status last with the resourceVersion read at the start
+    perform(actions) in order; CommitStatus writes new_status with the resourceVersion read at
+    the start of the tick, and a refused write ends the tick
 
-A tick is done once its status is written. If the shell dies between an action and the status
-write, the next tick starts from the old status and repeats the decision; actions converge on a
-desired state, so repeating them is harmless. The weight is the one exception that needs care: the
-next tick reads the route back (`obs.route_weights`) and, when it differs from the status weight,
-re-issues SetWeights for the status weight and does nothing else that tick, rather than advancing
-twice or judging metrics taken at a weight the status does not know. Returning the status as given
-and no actions means "nothing to do".
+The status is committed first. step() orders the actions so that the conditional status write
+(CommitStatus) comes before every write to the cluster (routes, scale, the primary's template),
+and the records (events, notifications, fire-and-forget gates) and ClearControl after them. Only
+SaveStableTemplate, which the status depends on, is written before, under the same precondition.
+So a decision taken on a stale read (the webhook started a new revision meanwhile) is refused
+whole, and a tick cut short after its commit (a crash, an API error) is finished by the next tick
+from what it observes, never repeated and never undone:
+
+- a route that differs from the status weight is set to the status weight (``_drifted``);
+- Promoting while the primary does not run the handoff revision: the copy is issued again;
+  Failed while it does not run the restore's handoff: the restore is issued again;
+- a canary with replicas while idle (Failed at weight 0, Succeeded) is scaled down again; a
+  canary at zero replicas while analysed (a retry) is scaled up again;
+- ClearControl comes last: a control left in place is seen again and, no longer applying, is
+  cleared with a "not applied" event.
+
+Events, notifications and post-rollout gates are at most once: a crash between the commit and
+them loses them (Kubernetes Events are best-effort too); they never announce a step whose status
+was refused. Returning the status as given and no actions means "nothing to do".
 
 No I/O: a function of the spec, the status and the observations (including `obs.now`) only.
 
@@ -90,17 +103,24 @@ Strategies (``spec.analysis.strategy``):
   sending the requests that match ``analysis.match`` to the canary is the router's job, not a
   weight. After the last iteration (and confirm-promotion) the template is promoted.
 
-Promotion: PromoteTemplate(revision) and phase Promoting ("Copying podinfo-canary.test template
-spec to podinfo.test"). Promoting waits until the primary runs the canary revision and has rolled
-out; then routes go back to the primary (phase Finalising): all at once, or stepWeightPromotion
-points per tick; with the canary at weight 0 a last tick scales it down: phase Succeeded,
-``post-rollout`` gates, notification. If the primary has not rolled out within
-progressDeadlineSeconds of entering Promoting (or stops being ready while Finalising), the last good
-template is restored (RestorePrimary) and the phase is Failed with the canary still serving its
-weight: traffic is never all sent to a broken primary. A Failed canary that still has weight is not
-idle: once the primary is ready on its last good revision, the traffic goes back to it and the
-canary is scaled down. A rollback during the analysis follows the same rule when the primary has
-no ready pods at all.
+Promotion, the handshake with the webhook (docs/webhook.md): SaveStableTemplate (the primary's
+template, the last good one), then the status commits phase Promoting with
+``handoff_revision`` = the canary revision, then PromoteTemplate copies the canary's template
+into the primary with the promotion mark ("Copying podinfo-canary.test template spec to
+podinfo.test"). The webhook admits that template because the committed status names it; a copy
+issued before the commit would be held back as a release, which is why the order matters.
+Promoting waits until the primary runs the canary revision and has rolled out (re-issuing the
+copy while the primary does not run it); then routes go back to the primary (phase Finalising):
+all at once, or stepWeightPromotion points per tick; with the canary at weight 0 a last tick
+scales it down: phase Succeeded, ``post-rollout`` gates, notification. If the primary has not
+rolled out within progressDeadlineSeconds of entering Promoting (or stops being ready while
+Finalising), the last good template is restored (the status commits Failed with
+``handoff_revision`` = the last good revision, then RestorePrimary, re-issued while the primary
+does not run it) and the phase is Failed with the canary still serving its weight: traffic is
+never all sent to a broken primary. A Failed canary that still has weight is not idle: once the
+primary is ready on its last good revision, the traffic goes back to it and the canary is scaled
+down. A rollback during the analysis follows the same rule when the primary has no ready pods at
+all.
 
 Control (``perch.dev/action``, ``obs.control``): abort, promote, pause, resume, retry (Failed only:
 the same revision from weight 0 with fresh counters, canary scaled back up). A control is consumed
@@ -131,6 +151,7 @@ from analyzer.model import (
     Action,
     CallGates,
     ClearControl,
+    CommitStatus,
     ControlAction,
     Event,
     GateResult,
@@ -141,6 +162,7 @@ from analyzer.model import (
     Observations,
     PromoteTemplate,
     RestorePrimary,
+    SaveStableTemplate,
     ScaleCanary,
     SetWeights,
     Workload,
@@ -266,10 +288,23 @@ def step(
         canary=f"{canary_name(name)}.{namespace}",
         asked=needs(spec, status, now=obs.now),
     )
-    after = _dispatch(tick, _normalised(status))
-    if tick.consumed:
-        tick.do(ClearControl())
-    return _stamped(status, after, tick), tuple(tick.actions)
+    after = _stamped(status, _dispatch(tick, _normalised(status)), tick)
+    return after, _ordered(tick.actions, changed=after != status, consumed=tick.consumed)
+
+
+_BEFORE_COMMIT = (SaveStableTemplate,)
+_WRITES = (SetWeights, ScaleCanary, PromoteTemplate, RestorePrimary)
+
+
+def _ordered(actions: Sequence[Action], *, changed: bool, consumed: bool) -> tuple[Action, ...]:
+    """The commit protocol of the module docstring: what the status depends on, the status,
+    the cluster writes, the records, and the control last. Order within each group is kept."""
+    before = [a for a in actions if isinstance(a, _BEFORE_COMMIT)]
+    writes = [a for a in actions if isinstance(a, _WRITES)]
+    records = [a for a in actions if not isinstance(a, (*_BEFORE_COMMIT, *_WRITES))]
+    commit: list[Action] = [CommitStatus()] if changed or before or writes else []
+    control: list[Action] = [ClearControl()] if consumed else []
+    return (*before, *commit, *writes, *records, *control)
 
 
 def _dispatch(t: _Tick, s: CanaryStatus) -> CanaryStatus:
@@ -287,7 +322,16 @@ def _dispatch(t: _Tick, s: CanaryStatus) -> CanaryStatus:
         return _failed(t, s, control)
     if control is not None:
         _ignore(t, control, f"no canary of {t.target} is in progress (phase {s.phase})")
+    if s.phase == "Succeeded":
+        _scaled_down(t)
     return s
+
+
+def _scaled_down(t: _Tick) -> None:
+    """An idle canary runs no pods: scale it down again if a tick was cut short before it was."""
+    if t.obs.canary.exists and t.obs.canary.desired > 0:
+        t.do(ScaleCanary(replicas=0))
+        t.event(f"Scaling down {t.canary}", reason="ScaledDown")
 
 
 def _analysing(t: _Tick, s: CanaryStatus, control: ControlAction | None) -> CanaryStatus:
@@ -369,12 +413,21 @@ def _take_up(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     t.event(f"Starting canary analysis for {t.target} revision {revision}", reason="Started")
     t.notify("started", f"New revision {revision} of {t.target} detected, starting canary analysis")
     s = replace(s, analysed_revision=revision)
+    if t.obs.primary.exists and t.obs.primary.revision:
+        # What the primary runs is the last good revision, whatever an interrupted promotion
+        # or an earlier release left recorded.
+        s = replace(s, last_applied_revision=t.obs.primary.revision)
     return s if s.phase == "Progressing" else t.to(s, "Progressing")
 
 
 def _readiness(t: _Tick, s: CanaryStatus) -> tuple[CanaryStatus, bool]:
     """Halts (False) while either Deployment is not ready; rolls back past the deadline."""
     now = timestamp(t.now)
+    if t.obs.canary.exists and t.obs.canary.desired == 0:
+        # A retry scales the canary back up after its commit; a tick cut short in between left
+        # it at zero, where it would never become ready.
+        t.do(ScaleCanary(replicas=None))
+        t.event(f"Scaling up {t.canary} for the analysis", reason="ScaledUp")
     # The canary's revision too: right after the webhook replaced its template, a stale read can
     # still show the previous pods as rolled out.
     canary_ok = t.obs.canary.revision == s.canary_revision and _ready(
@@ -634,10 +687,14 @@ def _confirm_cleared(s: CanaryStatus) -> CanaryStatus:
 
 
 def _promote(t: _Tick, s: CanaryStatus, *, why: str) -> CanaryStatus:
+    """The handshake's first half: save the last good template, commit Promoting with the handoff,
+    then copy (the webhook admits the copy because the committed status names its revision)."""
     if why:
         t.event(why, reason="Promoting")
     t.event(f"Copying {t.canary} template spec to {t.target}", reason="Promoting")
-    t.do(PromoteTemplate(revision=s.canary_revision))
+    stable = t.obs.primary.revision or s.last_applied_revision
+    t.do(SaveStableTemplate(revision=stable), PromoteTemplate(revision=s.canary_revision))
+    s = replace(s, handoff_revision=s.canary_revision, last_applied_revision=stable)
     return t.to(_confirm_cleared(s), "Promoting")
 
 
@@ -709,6 +766,15 @@ def _promoting(t: _Tick, s: CanaryStatus, control: ControlAction | None) -> Cana
                 return _promotion_failed(
                     t, s, f"promotion failed: {t.target} not rolled out after {deadline}s: {detail}"
                 )
+            if primary.exists and primary.revision != revision:
+                # The copy has not reached the primary (the tick that committed Promoting was cut
+                # short, or its copy was refused): the committed handoff still admits it.
+                t.do(PromoteTemplate(revision=revision))
+                t.event(
+                    f"Copying {t.canary} template spec to {t.target} again: {detail}",
+                    reason="Promoting",
+                )
+                return s
             t.event(f"Waiting for {t.target} rollout to finish: {detail}", reason="Promoting")
             return s
         return s if s.paused else _route_back(t, s)
@@ -751,14 +817,16 @@ def _succeed(t: _Tick, s: CanaryStatus) -> CanaryStatus:
         f"Canary analysis of {t.target} completed successfully, revision {revision} promoted",
     )
     t.do(CallGates(type="post-rollout", phase="Succeeded"))
-    return t.to(replace(s, last_applied_revision=revision, gates_done=()), "Succeeded")
+    s = replace(s, last_applied_revision=revision, gates_done=(), handoff_revision="")
+    return t.to(s, "Succeeded")
 
 
 def _promotion_failed(t: _Tick, s: CanaryStatus, reason: str) -> CanaryStatus:
     """The copy has begun: put the last good template back, keep the canary serving its weight."""
     last = s.last_applied_revision
     t.event(f"Rolling back {t.target} {reason}", reason="RollingBack", warning=True)
-    t.do(RestorePrimary(revision=last))
+    if last:
+        t.do(RestorePrimary(revision=last))
     if s.canary_weight > 0:
         keeps = f"{t.canary} keeps serving {s.canary_weight}% until {t.target} is ready again"
         condition = (
@@ -777,7 +845,7 @@ def _promotion_failed(t: _Tick, s: CanaryStatus, reason: str) -> CanaryStatus:
     )
     t.notify("failed", f"Rolling back {t.target} {reason}")
     t.do(CallGates(type="post-rollout", phase="Failed"))
-    s = replace(s, failed_revision=s.canary_revision, gates_done=())
+    s = replace(s, failed_revision=s.canary_revision, gates_done=(), handoff_revision=last)
     return t.to(s, "Failed", condition=condition)
 
 
@@ -798,11 +866,22 @@ def _failed(t: _Tick, s: CanaryStatus, control: ControlAction | None) -> CanaryS
             f"revision {s.canary_revision} again"
         )
         _ignore(t, control, why)
+    primary = t.obs.primary
+    handoff = s.handoff_revision
+    if handoff and primary.exists and primary.revision != handoff:
+        # The restore of a failed promotion has not reached the primary yet: issue it again.
+        t.do(RestorePrimary(revision=handoff))
+        t.event(
+            f"Restoring {t.target} to revision {handoff} again: {_unready(primary, handoff)}",
+            reason="Failed",
+            warning=True,
+        )
+        return s
     if s.canary_weight == 0:
+        _scaled_down(t)
         return s
     if _drifted(t, s):
         return s
-    primary = t.obs.primary
     last = s.last_applied_revision
     on_last = not last or primary.revision == last
     if on_last and _ready(primary, t.analysis.primary_ready_threshold):
@@ -843,6 +922,7 @@ def _retry(t: _Tick, s: CanaryStatus) -> CanaryStatus:
         confirm_type="",
         confirm_asked_at="",
         confirm_timed_out=(),
+        handoff_revision="",
     )
     return t.to(s, "Progressing")
 

@@ -90,6 +90,12 @@ class CanaryStatus:
     confirm_type: str = ""
     confirm_asked_at: str = ""
     confirm_timed_out: tuple[str, ...] = ()
+    # The revision the analyzer is writing into the primary: the canary's, while it promotes, or
+    # the last good one, while it restores after a failed promotion; "" otherwise. The analyzer
+    # records it (a conditional status write) before it writes the template, and the webhook lets
+    # a template through only when it is this revision and carries the promotion mark for it: the
+    # handshake of docs/webhook.md.
+    handoff_revision: str = ""
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any] | None) -> CanaryStatus:
@@ -115,6 +121,7 @@ class CanaryStatus:
             confirm_type=str(raw.get("confirmType") or ""),
             confirm_asked_at=str(raw.get("confirmAskedAt") or ""),
             confirm_timed_out=tuple(str(g) for g in raw.get("confirmTimedOut") or ()),
+            handoff_revision=str(raw.get("handoffRevision") or ""),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -138,6 +145,7 @@ class CanaryStatus:
             "confirmType": self.confirm_type,
             "confirmAskedAt": self.confirm_asked_at,
             "confirmTimedOut": list(self.confirm_timed_out),
+            "handoffRevision": self.handoff_revision,
         }
 
     @property
@@ -221,16 +229,23 @@ def initialized(*, revision: str, at: datetime) -> CanaryStatus:
     )
 
 
-def analysis_started(prev: CanaryStatus, *, revision: str, at: datetime) -> CanaryStatus:
+def analysis_started(
+    prev: CanaryStatus, *, revision: str, at: datetime, primary_revision: str = ""
+) -> CanaryStatus:
     """A new revision held back at admission: analysis starts from weight 0 with fresh counters.
 
     A revision replacing one still under analysis counts as a restart, so that the history shows it.
+    `primary_revision` is what the primary runs as the analysis starts (the template the webhook
+    keeps): it is the last good revision from now on, also when a promotion was under way and its
+    copy had already reached the primary. A handoff in progress is called off.
     """
     now = timestamp(at)
     restarted = prev.active and prev.canary_revision not in ("", revision)
     return replace(
         prev,
         phase="Progressing",
+        last_applied_revision=primary_revision or prev.last_applied_revision,
+        handoff_revision="",
         canary_weight=0,
         failed_checks=0,
         iterations=0,

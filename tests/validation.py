@@ -1,7 +1,7 @@
 """Schema validation of every object Perch produces.
 
 Built-in kinds go through kubernetes-validate (strict: unknown fields fail). Custom kinds go through
-jsonschema against the CRDs: Istio and Gateway API from shared/schemas, the Canary from the chart.
+jsonschema against the CRDs: Istio and Gateway API from tests/schemas (copied verbatim, see its README), the Canary from the chart.
 `additionalProperties: false` is added below the root because the API server silently prunes
 unknown fields, which would hide a typo in a builder.
 """
@@ -18,7 +18,7 @@ import kubernetes_validate
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO / "tests" / "schemas"
 CANARY_CRD = REPO / "charts" / "perch" / "crds" / "canaries.perch.dev.yaml"
 KUBERNETES_VERSION = "1.30.0"
 
@@ -52,7 +52,7 @@ def _closed(schema: Any, *, root: bool) -> Any:
 
 @functools.cache
 def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    files = [*sorted(SHARED_SCHEMAS.glob("*.yaml")), CANARY_CRD]
+    files = [*sorted(SCHEMAS.glob("*.yaml")), CANARY_CRD]
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):

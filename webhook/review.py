@@ -294,16 +294,19 @@ def _new_revision(
     record = observed.canary
     status = record.status if record else CanaryStatus()
 
-    # The analyzer's mark: it copies the canary's template in (promotion), or puts the last good
-    # template back when a promotion fails (restore). Either way only while it is promoting.
+    # The handshake: the analyzer copies the canary's template in (promotion), or puts the last
+    # good template back after a failed promotion (restore), only after committing that revision
+    # as the Canary's handoff. A template that is the handoff revision and carries the mark for it
+    # goes through; the mark alone (a user can copy an annotation) does not.
     if (
-        annotations.get(ANNOTATION_PROMOTED_REVISION) == new_rev
-        and record is not None
-        and new_rev in (record.revision, status.last_applied_revision)
-        and status.phase == "Promoting"
+        record is not None
+        and status.handoff_revision == new_rev
+        and annotations.get(ANNOTATION_PROMOTED_REVISION) == new_rev
     ):
+        # A restore leaves the failed revision recorded as held back, as a rollback does.
+        held_back = None if new_rev == record.revision else record.revision or None
         patch = _set_annotations(
-            {ANNOTATION_REVISION: new_rev, ANNOTATION_CANARY_REVISION: None}, annotations
+            {ANNOTATION_REVISION: new_rev, ANNOTATION_CANARY_REVISION: held_back}, annotations
         )
         return Decision(allowed=True, reason="promotion", patch=tuple(patch), spec=spec)
 
@@ -366,7 +369,9 @@ def _new_revision(
         )
 
     replacing = record is not None and status.active
-    started = analysis_started(status, revision=new_rev, at=now)
+    started = analysis_started(status, revision=new_rev, at=now, primary_revision=old_rev)
+    # The routes go back to 100 % primary before the canary's template changes: a canary at some
+    # weight must not serve the new, unanalysed revision even for a moment.
     actions: tuple[Action, ...] = (
         WriteCanaryObject(
             status=started,
@@ -374,9 +379,9 @@ def _new_revision(
             template=new_template,
             expected_resource_version=record.resource_version if record else None,
         ),
+        EnsureRoutes(reset=True),
         EnsureCanaryService(),
         workload,
-        EnsureRoutes(reset=True),
     )
     if replacing:
         warning = (

@@ -1,6 +1,14 @@
-"""The cluster tier: a real API server named by PERCH_TEST_KUBECONFIG (kind, or any cluster).
+"""The cluster tier: Perch against a real Kubernetes control plane.
 
-Without it every test here is skipped, and pytest's summary says why.
+The session starts (or takes, from PERCH_TEST_KUBECONFIG) a real API server with its controllers
+(tests/support/controlplane.py), installs Perch from the chart (CRDs, ServiceAccounts, RBAC),
+runs ``perch-webhook`` as a process with the webhook's ServiceAccount token and registers it with
+a URL clientConfig, and feeds a real Prometheus with Istio-shaped traffic. On a control plane with
+no nodes the kubelet stand-in makes pods run and become ready. Each test gets its own namespace;
+tests that need the analyzer start ``perch-analyzer`` as a process with its ServiceAccount.
+
+Without a control plane every test here is skipped, and the reason says how to get one
+(tests/conftest.py); with PERCH_REQUIRE_CLUSTER=1, as in CI, a skip is a failure.
 """
 
 from __future__ import annotations
@@ -13,74 +21,81 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from perch.kube import load_api_client
-from tests.support.webhook_server import PERCH_APP, REPO, Server, start_server
-from tests.validation import SHARED_SCHEMAS
+from tests.support import controlplane
+from tests.support.install import install
+from tests.support.kubelet import FakeKubelet
+from tests.support.mesh import IstioExporter
+from tests.support.prometheus import PrometheusServer, missing_binaries
+from tests.support.release import Perch, Release
+from tests.support.webhook_server import PERCH_APP, Server, start_server
 from webhook.registration import registration
 
-KUBECONFIG_ENV = "PERCH_TEST_KUBECONFIG"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get(KUBECONFIG_ENV):
-        return
-    skip = pytest.mark.skip(
-        reason=f"cluster tier: set {KUBECONFIG_ENV} to the kubeconfig of a real API server (kind)"
-    )
-    for item in items:
-        if "tests/cluster/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(skip)
-
-
+# Where the API server reaches the webhook process: this host, unless the cluster runs elsewhere
+# (kind: the Docker bridge's address, e.g. 172.18.0.1).
 HOST = os.environ.get("PERCH_TEST_WEBHOOK_HOST", "127.0.0.1")
-CRD_FILES = [
-    REPO / "charts" / "perch" / "crds" / "canaries.perch.dev.yaml",
-    SHARED_SCHEMAS / "istio-1.30.3-virtualservices.networking.istio.io.yaml",
-    SHARED_SCHEMAS / "istio-1.30.3-destinationrules.networking.istio.io.yaml",
-]
-DEADLINE = 60.0
+REGISTERED_DEADLINE = 60.0
 
 
-@pytest.fixture(scope="module")
-def api() -> client.ApiClient:
-    return load_api_client(os.environ["PERCH_TEST_KUBECONFIG"])
+@pytest.fixture(scope="session")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    session = controlplane.start(tmp_path_factory.mktemp("kube"))
+    try:
+        yield session.plane
+    finally:
+        session.stop()
 
 
-@pytest.fixture(scope="module")
-def crds(api: client.ApiClient) -> None:
-    ext = client.ApiextensionsV1Api(api)
-    for path in CRD_FILES:
-        crd = yaml.safe_load(Path(path).read_text())
-        try:
-            ext.create_custom_resource_definition(crd)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-    for path in CRD_FILES:
-        name = yaml.safe_load(Path(path).read_text())["metadata"]["name"]
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            conditions = ext.read_custom_resource_definition(name).status.conditions or []
-            if any(c.type == "Established" and c.status == "True" for c in conditions):
-                break
-            time.sleep(0.2)
+@pytest.fixture(scope="session")
+def api(plane: controlplane.ControlPlane) -> client.ApiClient:
+    return load_api_client(str(plane.kubeconfig))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def kubelet(api: client.ApiClient) -> Iterator[FakeKubelet | None]:
+    nodes = client.CoreV1Api(api).list_node().items
+    if any(n.metadata.name != "perch-test-node" for n in nodes):
+        yield None  # a cluster with nodes of its own runs pods for real
+        return
+    fake = FakeKubelet(api).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def installed(
+    api: client.ApiClient,
+    plane: controlplane.ControlPlane,
+    tmp_path_factory: pytest.TempPathFactory,
+):  # type: ignore[no-untyped-def]
+    # analyzer.mode=deployment: the analyzer gets a ServiceAccount of its own, so the audit log
+    # tells its calls from the webhook's (the sidecar mode binds both roles to one account).
+    return install(
+        api,
+        admin_kubeconfig=plane.kubeconfig,
+        directory=tmp_path_factory.mktemp("identities"),
+        values={"analyzer": {"mode": "deployment"}},
+    )
+
+
+@pytest.fixture(scope="session")
 def webhook(
-    api: client.ApiClient, crds: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("cluster-webhook")
+    api: client.ApiClient,
+    installed,
+    tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
+) -> Iterator[tuple[Server, str]]:
     server = start_server(
-        tmp, app=PERCH_APP, env={"KUBECONFIG": os.environ["PERCH_TEST_KUBECONFIG"]}, bind_host=HOST
+        tmp_path_factory.mktemp("webhook"),
+        app=PERCH_APP,
+        env={"KUBECONFIG": str(installed.webhook.kubeconfig), "PERCH_LOG_LEVEL": "debug"},
+        bind_host=HOST,
     )
     name = f"zz-perch-test-{uuid.uuid4().hex[:6]}.perch.dev"
     config = registration(
-        namespace="perch",
+        namespace=installed.release.namespace,
         url=f"https://{HOST}:{server.port}/mutate",
         ca_bundle=base64.b64encode(server.certs.ca.read_bytes()).decode(),
         name=name,
@@ -88,16 +103,95 @@ def webhook(
     )
     adm = client.AdmissionregistrationV1Api(api)
     adm.create_mutating_webhook_configuration(config)
-    time.sleep(2)  # the API server picks up new webhook configurations asynchronously
-    yield server
-    adm.delete_mutating_webhook_configuration(name)
-    server.terminate()
+    try:
+        _wait_registered(api)
+        yield server, name
+    finally:
+        adm.delete_mutating_webhook_configuration(name)
+        server.terminate()
+
+
+def _wait_registered(api: client.ApiClient) -> None:
+    """The API server picks up a new webhook configuration asynchronously: wait until it calls
+    Perch (an opted-in Deployment with an invalid spec is then denied), instead of sleeping."""
+    probe = {
+        "metadata": {
+            "name": "registration-probe",
+            "annotations": {"perch.dev/enabled": "true", "perch.dev/spec": "analysis: [1"},
+        },
+        "spec": {
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {
+                "metadata": {"labels": {"app": "probe"}},
+                "spec": {"containers": [{"name": "c", "image": "probe"}]},
+            },
+        },
+    }
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + REGISTERED_DEADLINE
+    while True:
+        try:
+            apps.create_namespaced_deployment("default", probe, dry_run="All")
+        except ApiException as exc:
+            if exc.status == 403 and "perch" in (exc.body or ""):
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise AssertionError("the API server never called the registered webhook")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[IstioExporter, PrometheusServer]]:
+    why = missing_binaries()
+    if why is not None:
+        pytest.skip(why)
+    exporter = IstioExporter().start()
+    prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus"), scrape_interval="1s")
+    prometheus.scrape(f"127.0.0.1:{exporter.port}").start()
+    yield exporter, prometheus
+    prometheus.stop()
+    exporter.stop()
+
+
+@pytest.fixture(scope="session")
+def perch(
+    plane: controlplane.ControlPlane,
+    api: client.ApiClient,
+    kubelet: FakeKubelet | None,
+    installed,  # type: ignore[no-untyped-def]
+    webhook: tuple[Server, str],
+    mesh: tuple[IstioExporter, PrometheusServer],
+) -> Perch:
+    return Perch(
+        plane=plane,
+        api=api,
+        installed=installed,
+        webhook=webhook[0],
+        webhook_config=webhook[1],
+        exporter=mesh[0],
+        prometheus=mesh[1],
+        kubelet=kubelet,
+    )
 
 
 @pytest.fixture
-def namespace(api: client.ApiClient, webhook: Server) -> Iterator[str]:
-    ns = f"perch-test-{uuid.uuid4().hex[:6]}"
+def namespace(api: client.ApiClient, perch: Perch) -> Iterator[str]:
+    ns = f"t-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": ns}})
     yield ns
-    core.delete_namespace(ns)
+    try:
+        core.delete_namespace(ns)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+@pytest.fixture
+def release(perch: Perch, namespace: str, tmp_path: Path) -> Iterator[Release]:
+    app = Release(perch=perch, namespace=namespace, tmp=tmp_path)
+    yield app
+    app.close()

@@ -79,6 +79,12 @@ class IstioExporter:
         with self._lock:
             self.behaviour.clear()
 
+    def forget(self, namespace: str) -> None:
+        """Stop generating traffic for the workloads of one namespace (a finished test's)."""
+        with self._lock:
+            for key in [k for k in self.behaviour if k[0] == namespace]:
+                del self.behaviour[key]
+
     def start(self) -> IstioExporter:
         self._server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
         threading.Thread(target=self._run, daemon=True, name="istio-exporter").start()

@@ -112,10 +112,12 @@ def test_new_revision_holds_back_and_starts_canary():
     assert d.warnings[0] == (
         f"perch: canary started for revision {NEW_REV}; watch with kubectl get canary podinfo -n test -w"
     )
-    write, service, workload, routes = d.actions
+    # Routes back to 100 % primary before the canary's template changes.
+    write, routes, service, workload = d.actions
     assert isinstance(write, WriteCanaryObject) and write.revision == NEW_REV
     assert write.status.phase == "Progressing" and write.status.canary_revision == NEW_REV
     assert write.status.analysis_restarts == 0 and write.expected_resource_version == "7"
+    assert write.status.last_applied_revision == STABLE_REV
     assert isinstance(service, EnsureCanaryService)
     assert isinstance(workload, EnsureCanaryWorkload) and workload.revision == NEW_REV
     assert workload.template["spec"]["containers"][0]["image"] == IMAGE_NEW
@@ -161,6 +163,32 @@ def test_newer_revision_replaces_canary_and_restarts_analysis():
     workload = next(a for a in d.actions if isinstance(a, EnsureCanaryWorkload))
     assert workload.revision == NEWER_REV
     assert f"replaces {NEW_REV}" in d.warnings[0]
+    kinds = [type(a) for a in d.actions]
+    assert kinds.index(EnsureRoutes) < kinds.index(EnsureCanaryWorkload)
+
+
+def test_newer_revision_during_a_promotion_calls_the_handoff_off():
+    # The copy of NEW already reached the primary; NEWER arrives before the promotion finished.
+    old = podinfo(image=IMAGE_NEW)
+    old["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
+    new = podinfo(image=IMAGE_NEWER)
+    new["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
+    promoting = CanaryStatus(
+        phase="Promoting",
+        canary_revision=NEW_REV,
+        analysed_revision=NEW_REV,
+        canary_weight=50,
+        last_applied_revision=STABLE_REV,
+        handoff_revision=NEW_REV,
+    )
+    d = decide(update(new, old), record(promoting, NEW_REV))
+    assert d.reason == "canary-replaced"
+    write = d.actions[0]
+    assert isinstance(write, WriteCanaryObject)
+    # NEW, which passed its analysis, is what the primary runs: the last good revision now.
+    assert write.status.last_applied_revision == NEW_REV
+    assert write.status.handoff_revision == ""
+    assert write.status.canary_revision == NEWER_REV and write.status.canary_weight == 0
 
 
 def test_failed_revision_is_held_back_without_new_canary():
@@ -176,13 +204,39 @@ def test_failed_revision_is_held_back_without_new_canary():
 def test_promotion_mark_lets_template_through():
     new = podinfo(image=IMAGE_NEW)
     new["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
-    promoting = CanaryStatus(phase="Promoting", canary_revision=NEW_REV, canary_weight=50)
+    promoting = CanaryStatus(
+        phase="Promoting", canary_revision=NEW_REV, canary_weight=50, handoff_revision=NEW_REV
+    )
     body = update(new)
     d = decide(body, record(promoting, NEW_REV))
     assert d.allowed and d.reason == "promotion" and d.actions == ()
     result = patched(body, d)
     assert result["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE_NEW
     assert result["metadata"]["annotations"]["perch.dev/revision"] == NEW_REV
+    assert "perch.dev/canary-revision" not in result["metadata"]["annotations"]
+
+
+def test_promotion_mark_before_the_handoff_is_committed_is_held_back():
+    # The analyzer's copy racing ahead of its own status write would be a release like any other:
+    # the handoff in the committed status is what lets a template through, not the mark.
+    new = podinfo(image=IMAGE_NEW)
+    new["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
+    progressing = CanaryStatus(
+        phase="Progressing", canary_revision=NEW_REV, analysed_revision=NEW_REV, canary_weight=50
+    )
+    body = update(new)
+    d = decide(body, record(progressing, NEW_REV))
+    assert d.reason == "canary-kept"
+    assert patched(body, d)["spec"]["template"] == podinfo()["spec"]["template"]
+
+
+def test_the_handoff_without_the_mark_is_a_release():
+    # A user applying the very revision being promoted is held back like any re-apply; the
+    # analyzer's copy lands either way.
+    promoting = CanaryStatus(phase="Promoting", canary_revision=NEW_REV, handoff_revision=NEW_REV)
+    body = update(podinfo(image=IMAGE_NEW))
+    d = decide(body, record(promoting, NEW_REV))
+    assert d.reason == "canary-kept"
 
 
 def test_restore_mark_puts_the_last_good_template_back():
@@ -190,17 +244,26 @@ def test_restore_mark_puts_the_last_good_template_back():
     old = podinfo(image=IMAGE_NEW)
     new = podinfo()
     new["metadata"]["annotations"]["perch.dev/promoted-revision"] = STABLE_REV
-    promoting = CanaryStatus(
-        phase="Promoting", canary_revision=NEW_REV, last_applied_revision=STABLE_REV
+    restoring = CanaryStatus(
+        phase="Failed",
+        canary_revision=NEW_REV,
+        last_applied_revision=STABLE_REV,
+        failed_revision=NEW_REV,
+        handoff_revision=STABLE_REV,
     )
     body = update(new, old)
-    d = decide(body, record(promoting, NEW_REV))
+    d = decide(body, record(restoring, NEW_REV))
     assert d.reason == "promotion"
-    assert patched(body, d)["spec"]["template"] == podinfo()["spec"]["template"]
+    result = patched(body, d)
+    assert result["spec"]["template"] == podinfo()["spec"]["template"]
+    annotations = result["metadata"]["annotations"]
+    assert annotations["perch.dev/revision"] == STABLE_REV
+    # The failed revision stays recorded as the one held back, as after a rollback.
+    assert annotations["perch.dev/canary-revision"] == NEW_REV
 
 
-@pytest.mark.parametrize("phase", ["Progressing", "Failed", "Succeeded"])
-def test_promotion_mark_outside_promoting_is_not_a_bypass(phase):
+@pytest.mark.parametrize("phase", ["Progressing", "Failed", "Succeeded", "Promoting"])
+def test_promotion_mark_outside_a_handoff_is_not_a_bypass(phase):
     new = podinfo(image=IMAGE_NEW)
     new["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
     status = CanaryStatus(phase=phase, canary_revision=NEWER_REV)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from analyzer.model import (
     Action,
     CallGates,
     ClearControl,
+    CommitStatus,
     ControlAction,
     Event,
     GateOutcome,
@@ -29,6 +30,7 @@ from analyzer.model import (
     Observations,
     PromoteTemplate,
     RestorePrimary,
+    SaveStableTemplate,
     ScaleCanary,
     SetWeights,
     Workload,
@@ -52,6 +54,7 @@ PASSING = {
 }
 LOW_SUCCESS = MetricResult("request-success-rate", "fail", 61.39, "success rate 61.39% < 99%")
 SLOW = MetricResult("request-duration", "fail", 1515.0, "request duration 1.515s > 500ms")
+CLUSTER_WRITES = (SetWeights, ScaleCanary, PromoteTemplate, RestorePrimary)
 
 
 def ready(revision: str, replicas: int = 2) -> Workload:
@@ -158,7 +161,10 @@ class World:
             progressing=self.progressing,
         )
 
-    def tick(self, *, write_status: bool = True) -> tuple[Action, ...]:
+    def tick(self, *, crash_after: type[Any] | None = None) -> tuple[Action, ...]:
+        """One tick as the shell runs it: the actions in order, the status written at
+        CommitStatus. ``crash_after``: the shell dies right after performing the first action of
+        that type (the rest of the tick, the status write included if it comes later, is lost)."""
         self.ticks += 1
         assert self.ticks <= 60, f"no end in sight: {self.status}"  # bounds the `while` loops
         obs = self.observe()
@@ -170,10 +176,17 @@ class World:
         )
         # Everything needed to continue is in the status as the API stores it.
         assert CanaryStatus.from_wire(new.to_wire()) == new
+        # The protocol: nothing is written to the cluster before the status is committed.
+        commit = actions.index(CommitStatus()) if CommitStatus() in actions else len(actions)
+        assert not [a for a in actions[:commit] if isinstance(a, CLUSTER_WRITES)], actions
+        if new != self.status:
+            assert CommitStatus() in actions, "a changed status is never left unwritten"
         for action in actions:
+            if isinstance(action, CommitStatus):
+                self.status = CanaryStatus.from_wire(new.to_wire())
             self.perform(action)
-        if write_status:
-            self.status = CanaryStatus.from_wire(new.to_wire())
+            if crash_after is not None and isinstance(action, crash_after):
+                break
         self.now += self.interval
         return actions
 
@@ -256,6 +269,7 @@ def test_seed_events_and_actions_tick_by_tick() -> None:
     assert world.asked == Needs(metrics=True, gates=("rollout",))
     assert ("rollout", "load-test") in world.called
     assert second == (
+        CommitStatus(),
         SetWeights(90, 10),
         Event("Advanced", "Advance podinfo.test canary weight 10"),
     )
@@ -265,16 +279,23 @@ def test_seed_events_and_actions_tick_by_tick() -> None:
 
     promote = world.tick()
     assert world.status.phase == "Promoting"
+    # The handshake: the last good template saved, Promoting committed with the handoff, then the
+    # copy (which the webhook admits because the committed status names its revision).
     assert promote == (
-        Event("Promoting", "Copying podinfo-canary.test template spec to podinfo.test"),
+        SaveStableTemplate(STABLE),
+        CommitStatus(),
         PromoteTemplate(REV),
+        Event("Promoting", "Copying podinfo-canary.test template spec to podinfo.test"),
     )
+    assert world.status.handoff_revision == REV
     finalise = world.tick()
     assert world.status.phase == "Finalising"
     assert of(SetWeights, finalise) == [SetWeights(100, 0)]
     done = world.tick()
     assert world.status.phase == "Succeeded"
+    assert world.status.handoff_revision == ""
     assert done == (
+        CommitStatus(),
         ScaleCanary(0),
         Event("Succeeded", "Promotion completed! Scaling down podinfo-canary.test"),
         Notify(
@@ -619,7 +640,7 @@ def test_a_rollback_never_sends_all_traffic_to_a_primary_with_no_ready_pods() ->
     assert world.status.canary_weight == 20
     world.primary = ready(STABLE)
     back = world.tick()
-    assert back[:2] == (SetWeights(100, 0), ScaleCanary(0))
+    assert back[:3] == (CommitStatus(), SetWeights(100, 0), ScaleCanary(0))
     assert (world.status.phase, world.status.canary_weight) == ("Failed", 0)
     assert world.tick() == ()
 
@@ -650,7 +671,7 @@ def test_a_primary_that_does_not_roll_out_is_restored_and_the_canary_keeps_servi
     # No tick ever sent all traffic to the primary while it ran the broken rollout.
     assert SetWeights(100, 0) not in world.performed
     back = world.tick()  # the restored primary is ready
-    assert back[:2] == (SetWeights(100, 0), ScaleCanary(0))
+    assert back[:3] == (CommitStatus(), SetWeights(100, 0), ScaleCanary(0))
     assert world.status.canary_weight == 0
 
 
@@ -829,6 +850,7 @@ def test_retry_restarts_a_failed_revision_from_weight_0() -> None:
     world.canary = Workload(desired=0, revision=REV)
     actions = world.tick()
     assert actions == (
+        CommitStatus(),
         ScaleCanary(None),
         Event(
             "Retrying",
@@ -872,6 +894,8 @@ def test_a_control_that_does_not_apply_is_consumed_with_a_warning(
 ) -> None:
     world = World(spec(), status, route=(100 - status.canary_weight, status.canary_weight))
     world.primary = ready(REV) if status.phase == "Promoting" else ready(STABLE)
+    if status.phase in ("Succeeded", "Failed"):
+        world.canary = Workload(desired=0, revision=REV)  # scaled down when it ended
     world.control = control
     actions = world.tick()
     assert f"Ignoring perch.dev/action={control} on podinfo.test: {why}" in warnings(actions)
@@ -904,6 +928,7 @@ def test_a_canary_queues_for_a_slot_then_starts() -> None:
     world = World(spec(), started(), admitted=False, progressing=3)
     first = world.tick()
     assert first == (
+        CommitStatus(),
         Event("Queued", "Halt podinfo.test advancement waiting for a slot: 3 canaries progressing"),
     )
     assert world.status.phase == "Waiting" and not world.status.holds_slot
@@ -941,22 +966,37 @@ def test_a_progressing_canary_is_never_pre_empted() -> None:
     assert world.status.canary_weight == 20
 
 
-def test_a_weight_change_is_done_only_once_its_status_is_written() -> None:
+def test_a_weight_change_is_committed_before_the_route_and_finished_after_a_crash() -> None:
     world = World(spec(), analysing(10), route=(90, 10))
-    # The shell sets the route to 20 and dies before writing the status.
-    lost = world.tick(write_status=False)
-    assert of(SetWeights, lost) == [SetWeights(80, 20)]
-    assert world.route == (80, 20) and world.status.canary_weight == 10
-    # The next analyzer re-issues the recorded weight instead of advancing again.
+    # The shell commits weight 20 and dies before it sets the route.
+    lost = world.tick(crash_after=CommitStatus)
+    assert lost[:2] == (CommitStatus(), SetWeights(80, 20))
+    assert world.route == (90, 10) and world.status.canary_weight == 20
+    # The next analyzer finishes the step (the route catches up); it neither repeats the step nor
+    # goes back to 10.
     resync = world.tick()
-    assert of(SetWeights, resync) == [SetWeights(90, 10)]
+    assert of(SetWeights, resync) == [SetWeights(80, 20)]
     assert warnings(resync) == [
-        "Route of podinfo.test has weights 80/20 but the status records 90/10; restoring 90/10 "
+        "Route of podinfo.test has weights 90/10 but the status records 80/20; restoring 80/20 "
         "before going on"
     ]
-    assert (world.status.canary_weight, world.status.failed_checks) == (10, 0)
+    assert (world.status.canary_weight, world.status.failed_checks) == (20, 0)
     world.tick()
-    assert world.status.canary_weight == 20 and world.route == (80, 20)
+    assert world.status.canary_weight == 30 and world.route == (70, 30)
+    assert [a for a in world.performed if isinstance(a, SetWeights)] == [
+        SetWeights(80, 20),
+        SetWeights(70, 30),
+    ]
+
+
+def test_a_tick_cut_short_before_its_commit_is_decided_again_not_repeated() -> None:
+    world = World(spec(), analysing(10), route=(90, 10))
+    # The shell decided weight 20 and died before its commit: nothing was written.
+    decided = step(world.spec, world.status, world.observe(), name="podinfo", namespace="test")
+    assert decided[1][0] == CommitStatus()
+    world.tick()
+    assert world.status.canary_weight == 20
+    assert [a for a in world.performed if isinstance(a, SetWeights)] == [SetWeights(80, 20)]
 
 
 def test_a_missing_route_is_recreated_at_the_status_weight() -> None:

@@ -41,3 +41,16 @@ def test_unknown_field_in_deployment_is_caught():
     }
     with pytest.raises(AssertionError):
         validate(dep)
+
+
+def test_the_schemas_the_tests_use_ship_with_the_repository():
+    """A clone needs nothing beside it: every CRD file is in tests/schemas and listed in its
+    README with the release it came from."""
+    from tests.validation import SCHEMAS
+
+    files = sorted(p.name for p in SCHEMAS.glob("*.yaml"))
+    readme = (SCHEMAS / "README.md").read_text()
+    assert len(files) == 4
+    for name in files:
+        assert f"| {name} |" in readme, f"{name} is not listed in tests/schemas/README.md"
+    assert sorted(p.name for p in SCHEMAS.iterdir()) == sorted([*files, "README.md"])
