@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from analyzer.cache import WatchCache
-from analyzer.http import serve
+from analyzer.http import liveness_problem, serve
 from analyzer.leader import AlwaysLeader, LeaseElector
 from analyzer.metrics.prometheus import PrometheusProvider
 from analyzer.notify import Notifications
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     telemetry = Telemetry()
-    kube = Kube(api_client, timeout=5.0)
+    kube = Kube(api_client, timeout=5.0, field_manager="perch-analyzer")
     cache = WatchCache(api_client, namespaces=args.namespace)
     provider = PrometheusProvider(args.prometheus_url, timeout_seconds=args.prometheus_timeout)
     notifications = Notifications.from_env(os.environ)
@@ -135,12 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     telemetry.watch_lags(scheduler.tick_lags)
     telemetry.watch_canaries(cache.items)
 
+    # time.monotonic() when this replica last became the leader; None while it stands by.
+    leading_since: float | None = None
+
     def started() -> None:
+        nonlocal leading_since
+        leading_since = time.monotonic()
         telemetry.leader.set(1)
         log.info("became the active analyzer")
         scheduler.start()
 
     def stopped() -> None:
+        nonlocal leading_since
+        leading_since = None
         telemetry.leader.set(0)
         log.info("no longer the active analyzer; all jobs stopped")
         scheduler.stop()
@@ -159,7 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         elector = AlwaysLeader(on_started_leading=started, on_stopped_leading=stopped)
 
     host, _, port = args.metrics_bind.rpartition(":")
-    http = serve(host=host, port=int(port), registry=telemetry.registry, ready=cache.synced)
+
+    def live() -> str | None:
+        return liveness_problem(
+            cache_alive=cache.alive(),
+            leading_since=leading_since,
+            last_resync=scheduler.last_resync(),
+            resync_seconds=args.resync_seconds,
+            now=time.monotonic(),
+        )
+
+    http = serve(
+        host=host, port=int(port), registry=telemetry.registry, ready=cache.synced, live=live
+    )
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
+from analyzer import faults
 from analyzer.events import EventRecorder
 from analyzer.model import (
     Action,
@@ -33,6 +34,7 @@ from analyzer.model import (
     SetWeights,
 )
 from analyzer.notify import Notifications, spec_context
+from perch.fields import applied_configuration, applier_of
 from perch.names import (
     ANNOTATION_ACTION,
     ANNOTATION_PROMOTED_REVISION,
@@ -136,6 +138,7 @@ class Actor:
                     )
                 case ClearControl():
                     self.clear_control(ctx)
+            faults.after(action, phase=ctx.status.phase)
 
     def set_weights(self, ctx: TickContext, *, canary: int) -> None:
         target = RouteTarget(
@@ -221,26 +224,41 @@ class Actor:
     def _replace_primary_template(
         self, ctx: TickContext, *, template: Mapping[str, Any], mark: str
     ) -> None:
-        # JSON patch, not merge patch: a merge patch would keep map keys the new template dropped.
-        ops: list[dict[str, Any]] = [
-            {
-                "op": "test",
-                "path": "/metadata/resourceVersion",
-                "value": resource_version(ctx.primary),
-            },
-            {"op": "replace", "path": "/spec/template", "value": dict(template)},
-        ]
-        annotations = (ctx.primary.get("metadata") or {}).get("annotations")
-        if annotations is None:
-            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
-        ops.append(
-            {
-                "op": "add",
-                "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION),
-                "value": mark,
-            }
-        )
+        """The template into the primary with the mark, conditional on the primary as read.
+
+        A template a tool server-side applied (Helm 4, Argo CD, Flux) is written as that tool,
+        through its own apply configuration (perch.fields): an Update by Perch would take the
+        fields over, and the tool's next apply would conflict with Perch. Anything else gets a
+        JSON patch: not a merge patch, which would keep map keys the new template dropped.
+        """
+        applier = applier_of(ctx.primary, "spec", "template")
         try:
+            if applier is not None:
+                config = applied_configuration(ctx.primary, applier)
+                config["metadata"]["resourceVersion"] = resource_version(ctx.primary)
+                config["metadata"].setdefault("annotations", {})[ANNOTATION_PROMOTED_REVISION] = (
+                    mark
+                )
+                config.setdefault("spec", {})["template"] = dict(template)
+                self.kube.apply(DEPLOYMENTS, ctx.namespace, ctx.name, config, field_manager=applier)
+                return
+            ops: list[dict[str, Any]] = [
+                {
+                    "op": "test",
+                    "path": "/metadata/resourceVersion",
+                    "value": resource_version(ctx.primary),
+                },
+                {"op": "replace", "path": "/spec/template", "value": dict(template)},
+            ]
+            if (ctx.primary.get("metadata") or {}).get("annotations") is None:
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+            ops.append(
+                {
+                    "op": "add",
+                    "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION),
+                    "value": mark,
+                }
+            )
             self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
         except ApiException as exc:
             if _refused(exc):

@@ -245,6 +245,11 @@ class WatchCache:
         """True once every list+watch has completed its first list."""
         return self._synced.is_set()
 
+    def alive(self) -> bool:
+        """False once a list+watch thread has ended (after stop(), or on an error its loop did
+        not catch): that kind would never change again in the copy. True before start()."""
+        return all(thread.is_alive() for thread in list(self._threads))
+
     def wait_synced(self, timeout: float | None = None) -> bool:
         return self._synced.wait(timeout)
 

@@ -217,7 +217,7 @@ class LeaseElector:
         request_timeout = min(
             DEFAULT_TIMEOUT_SECONDS, (lease_duration - renew_deadline) / _REQUESTS_PER_ATTEMPT
         )
-        self._kube = Kube(api_client, timeout=request_timeout)
+        self._kube = Kube(api_client, timeout=request_timeout, field_manager="perch-analyzer")
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
         self._clock = clock

@@ -158,6 +158,7 @@ class CanaryScheduler:
         self._durations: deque[float] = deque(maxlen=lag_samples)
         self._started: dict[str, float] = {}  # job id → start of its running tick
         self._ticks = self._errors = self._skipped = self._missed = 0
+        self._last_resync: float | None = None  # time.monotonic(); read by the liveness probe
 
         self._unsubscribe = cache.subscribe(self._on_change)
 
@@ -252,6 +253,9 @@ class CanaryScheduler:
             scheduler = self._scheduler
             if self._state == "stopped" or scheduler is None:
                 return
+            # When it starts, not when it ends: a resync that hangs stops the next ones (one
+            # instance at most), and the stamp going stale is what tells the probe.
+            self._last_resync = time.monotonic()
             # An unsynced cache is incomplete, not a cluster without canaries: until it has
             # listed everything, resync only adds.
             complete = self._cache.synced()
@@ -266,6 +270,12 @@ class CanaryScheduler:
                 # Jobs added in bulk (start, resync) are spread over their interval, so that a
                 # thousand canaries are not all due in the same instant, every interval.
                 self._apply(job, interval, spread=True)
+
+    def last_resync(self) -> float | None:
+        """``time.monotonic()`` when the resync last ran, or was turned away by a worker as late;
+        None before the first. Not reset on stop: a caller judging staleness must count from
+        when leadership began as well."""
+        return self._last_resync
 
     def jobs(self) -> dict[str, float]:
         """The canary jobs scheduled now: job id (``namespace/name``) → interval in seconds."""
@@ -362,6 +372,10 @@ class CanaryScheduler:
 
     def _on_job_event(self, event: JobEvent) -> None:
         if event.job_id == RESYNC_JOB_ID:
+            if event.code == EVENT_JOB_MISSED:
+                # A worker picked the resync up too late to run it: the pool is busy with ticks,
+                # not stuck, and restarting the process would not make it less busy.
+                self._last_resync = time.monotonic()
             return
         now = time.time()
         with self._stats_lock:

@@ -39,8 +39,8 @@ from perch.names import (
     is_opted_in,
 )
 from perch.objects import canary_deployment
-from perch.revision import template_revision
 from perch.resources import CANARIES, DEPLOYMENTS, HPAS, Kube, Resource, resource_version
+from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, Metric, SpecError, WebhookType
 from perch.speccache import cached_parse_spec

@@ -35,6 +35,7 @@ __all__ = [
 # The client picks json-patch for every PATCH unless told otherwise, whatever the body's shape,
 # so each call site names the patch type it means.
 JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 
 SERVICE_ACCOUNT_TOKEN = Path(config.incluster_config.SERVICE_TOKEN_FILENAME)

@@ -48,7 +48,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not _is_cluster(report.nodeid):
         return
-    if report.failed:
+    if hasattr(report, "wasxfail"):
+        # An expected failure ran (and failed as it says it must): it is not a skip.
+        _cluster_outcomes.setdefault(report.nodeid, "xfailed")
+    elif report.failed:
         _cluster_outcomes[report.nodeid] = "failed"
     elif report.skipped and _cluster_outcomes.get(report.nodeid) != "failed":
         _cluster_outcomes[report.nodeid] = "skipped"
@@ -57,7 +60,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def _counts() -> dict[str, int]:
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
     for outcome in _cluster_outcomes.values():
         counts[outcome] += 1
     return counts
@@ -75,7 +78,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     where = controlplane.describe()
     line = (
         f"cluster tier: {counts['passed']} passed, {counts['failed']} failed, "
-        f"{counts['skipped']} skipped (control plane: {where})"
+        f"{counts['xfailed']} xfailed, {counts['skipped']} skipped (control plane: {where})"
     )
     terminalreporter.write_sep("=", line)
     if controlplane.required() and counts["skipped"]:

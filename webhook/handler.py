@@ -130,4 +130,6 @@ def build_admitter() -> PerchAdmitter:
     api_client = load_api_client(os.environ.get("PERCH_KUBECONFIG") or None)
     timeout = float(os.environ.get("PERCH_API_TIMEOUT_SECONDS", "2"))
     adopt = float(os.environ.get("PERCH_ADOPT_TIMEOUT_SECONDS", "30"))
-    return PerchAdmitter(Kube(api_client, timeout=timeout), adopt_timeout=adopt)
+    return PerchAdmitter(
+        Kube(api_client, timeout=timeout, field_manager="perch-webhook"), adopt_timeout=adopt
+    )

@@ -42,6 +42,7 @@ Reason = Literal[
     "canary-replaced",
     "failed-revision",
     "promotion",
+    "reinvoked",
     "skip-analysis",
     "opt-out",
     "denied-spec",
@@ -218,6 +219,31 @@ def review(req: AdmissionRequest, observed: Observed | None, *, now: datetime) -
     return _with_spec_warnings(decision, spec)
 
 
+def _reinvoked(req: AdmissionRequest, record: CanaryRecord) -> bool:
+    """The API server calls Perch again for the same request when a webhook after Perch edited
+    the object (reinvocationPolicy IfNeeded; request uids differ between calls). Perch's first
+    answer then shows in the object: its own annotation changed from the stored value to what the
+    Canary object records for this very release (the revision it started, or the handoff it let
+    through). A user's request carries the stored values, or stale ones that do not match the
+    Canary, so it is never taken for one."""
+    new, old = _annotations(req.object), _annotations(req.old_object)
+    status = record.status
+    started = new.get(ANNOTATION_CANARY_REVISION)
+    if (
+        status.active
+        and started
+        and started == record.revision == status.canary_revision
+        and started != old.get(ANNOTATION_CANARY_REVISION)
+    ):
+        return True
+    handed = new.get(ANNOTATION_REVISION)
+    return bool(
+        handed
+        and handed == status.handoff_revision == new.get(ANNOTATION_PROMOTED_REVISION)
+        and handed != old.get(ANNOTATION_REVISION)
+    )
+
+
 def _with_spec_warnings(decision: Decision, spec: CanarySpec) -> Decision:
     if not spec.warnings:
         return decision
@@ -309,6 +335,11 @@ def _new_revision(
             {ANNOTATION_REVISION: new_rev, ANNOTATION_CANARY_REVISION: held_back}, annotations
         )
         return Decision(allowed=True, reason="promotion", patch=tuple(patch), spec=spec)
+
+    if record is not None and _reinvoked(req, record):
+        # The template is the one Perch chose a moment ago plus another webhook's edit (a policy
+        # engine stamping templates): the primary's, as policy wants it. The release is decided.
+        return Decision(allowed=True, reason="reinvoked", spec=spec)
 
     if spec.skip_analysis:
         patch = _set_annotations(

@@ -90,7 +90,11 @@ def webhook(
     server = start_server(
         tmp_path_factory.mktemp("webhook"),
         app=PERCH_APP,
-        env={"KUBECONFIG": str(installed.webhook.kubeconfig), "PERCH_LOG_LEVEL": "debug"},
+        env={
+            "KUBECONFIG": str(installed.webhook.kubeconfig),
+            "PERCH_LOG_LEVEL": "debug",
+            "PERCH_ADOPT_TIMEOUT_SECONDS": "5",
+        },
         bind_host=HOST,
     )
     name = f"zz-perch-test-{uuid.uuid4().hex[:6]}.perch.dev"

@@ -9,8 +9,10 @@ calls the webhook for every write, the analyzer's promotion included.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
+from kubernetes import client
 
 from perch.revision import template_revision
 from tests.seed import IMAGE_NEW, IMAGE_STABLE
@@ -74,3 +76,129 @@ def test_a_release_is_promoted_however_it_is_sent(
     app.start_analyzer()
     app.wait_phase("Succeeded", "Failed")
     assert_promoted(app)
+
+
+SHORT_ANALYSIS = """\
+  interval: 1s
+  threshold: 2
+  maxWeight: 50
+  stepWeight: 25
+"""
+
+
+def test_a_gateway_api_release_is_promoted_and_a_deleted_route_comes_back(
+    release: Release,
+) -> None:
+    app = release
+    spec = "provider: gatewayapi\nservice:\n  port: 9898\nanalysis:\n" + SHORT_ANALYSIS
+    app.create(spec)
+    app.watch_weights()
+    app.release(IMAGE_NEW)
+    app.start_analyzer()
+    app.wait_for(lambda: app.status().get("canaryWeight") == 25, "weight 25")
+    # Someone deletes the HTTPRoute mid-analysis: the analyzer makes it again at the recorded
+    # weight before it goes on (it never restarts from 0 nor skips a step).
+    group, version, plural = app.route_resource()
+    client.CustomObjectsApi(app.api).delete_namespaced_custom_object(
+        group, version, app.namespace, plural, "podinfo"
+    )
+    app.wait_phase("Succeeded", "Failed")
+    assert app.phase() == "Succeeded", app.events()
+    assert app.image() == IMAGE_NEW
+    target = f"podinfo.{app.namespace}"
+    assert any(e.startswith(f"Route of {target} not found; re-creating it") for e in app.events())
+    assert app.weights() == (100, 0)
+    seen = list(app.weights_seen)
+    assert seen[0] == (100, 0) and seen[-1] == (100, 0)
+    assert [w for w in seen if w[1]] in ([(75, 25), (50, 50)], [(75, 25), (75, 25), (50, 50)])
+
+
+def test_destination_rules_are_kept_as_the_spec_says(release: Release) -> None:
+    app = release
+    spec = (
+        "service:\n  port: 9898\n  trafficPolicy:\n    tls:\n      mode: ISTIO_MUTUAL\n"
+        "analysis:\n" + SHORT_ANALYSIS
+    )
+    app.create(spec)
+    custom = client.CustomObjectsApi(app.api)
+    rules = ("podinfo-primary", "podinfo-canary")
+
+    def rule(name: str) -> dict[str, Any]:
+        return custom.get_namespaced_custom_object(  # type: ignore[no-any-return]
+            "networking.istio.io", "v1", app.namespace, "destinationrules", name
+        )
+
+    for name in rules:
+        assert rule(name)["spec"]["trafficPolicy"] == {"tls": {"mode": "ISTIO_MUTUAL"}}
+        # Adopted once the Deployment exists (it has no uid while its CREATE is admitted).
+        app.wait_for(
+            lambda name=name: rule(name)["metadata"].get("ownerReferences"), f"{name}'s owner"
+        )
+    app.release(IMAGE_NEW)
+    app.start_analyzer()
+    app.wait_for(lambda: app.status().get("canaryWeight") == 25, "weight 25")
+    # One rule deleted, the other edited by hand: the analyzer's next step puts both back.
+    custom.delete_namespaced_custom_object(
+        "networking.istio.io", "v1", app.namespace, "destinationrules", rules[0]
+    )
+    edited = rule(rules[1])
+    edited["spec"]["trafficPolicy"] = {"tls": {"mode": "DISABLE"}}
+    custom.replace_namespaced_custom_object(
+        "networking.istio.io", "v1", app.namespace, "destinationrules", rules[1], edited
+    )
+    app.wait_phase("Succeeded", "Failed")
+    assert app.phase() == "Succeeded"
+    for name in rules:
+        assert rule(name)["spec"]["trafficPolicy"] == {"tls": {"mode": "ISTIO_MUTUAL"}}
+
+
+def test_the_next_release_carries_the_spec_and_autoscaler_changes_along(release: Release) -> None:
+    """Between releases the user changes the trafficPolicy and the HPA: the next release's
+    canary objects follow (DestinationRules rewritten, the canary's HPA copied again)."""
+    app = release
+    spec = (
+        "autoscalerRef:\n  apiVersion: autoscaling/v2\n  kind: HorizontalPodAutoscaler\n"
+        "  name: podinfo\nservice:\n  port: 9898\n  trafficPolicy:\n    tls:\n"
+        "      mode: ISTIO_MUTUAL\nanalysis:\n" + SHORT_ANALYSIS
+    )
+    app.create(spec)
+    app.release(IMAGE_NEW)
+    autoscaling = client.AutoscalingV2Api(app.api)
+    assert (
+        autoscaling.read_namespaced_horizontal_pod_autoscaler(
+            "podinfo-canary", app.namespace
+        ).spec.max_replicas
+        == 4
+    )
+    newer = "ghcr.io/stefanprodan/podinfo:6.7.2"
+    changed = spec.replace("ISTIO_MUTUAL", "SIMPLE")
+    git = app.manifest(image=newer, spec=changed).replace("maxReplicas: 4", "maxReplicas: 6")
+    app.kubectl("apply", "-f", "-", input=git)
+    assert app.image("podinfo-canary") == newer
+    assert (
+        autoscaling.read_namespaced_horizontal_pod_autoscaler(
+            "podinfo-canary", app.namespace
+        ).spec.max_replicas
+        == 6
+    )
+    for name in ("podinfo-primary", "podinfo-canary"):
+        rule = client.CustomObjectsApi(app.api).get_namespaced_custom_object(
+            "networking.istio.io", "v1", app.namespace, "destinationrules", name
+        )
+        assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "SIMPLE"}}
+
+
+def test_server_side_apply_releases_one_after_another(release: Release) -> None:
+    """Helm 4, Argo CD and Flux apply server-side with their own field manager, without forcing
+    conflicts. After Perch promoted one release, the next apply must not conflict with the
+    fields Perch wrote into the primary."""
+    app = release
+    spec = "service:\n  port: 9898\nanalysis:\n" + SHORT_ANALYSIS
+    app.create(spec, method="server-side")
+    app.start_analyzer()
+    for image in (IMAGE_NEW, "ghcr.io/stefanprodan/podinfo:6.7.2"):
+        app.release(image, method="server-side")
+        app.wait_for(
+            lambda image=image: app.phase() == "Succeeded" and app.image() == image,
+            f"{image} promoted",
+        )

@@ -1,16 +1,17 @@
-"""The analyzer end to end: the seed's podinfo canary promoted, rolled back, halted.
+"""The analyzer's judgement of live metrics and gates, on the API stand-in.
 
-Real parts: perch-analyzer as a process, the real Prometheus server scraping live Istio-style
-metrics, the API stand-in over HTTP, the webhook's admission logic creating the canary, local HTTP
-servers standing in for the load tester and Slack. Intervals are 1 s; the steps are the seed's
-(5 % to 50 % in ten steps, threshold 10).
+What these tests show does not depend on the API server's behaviour: halts on latency and on no
+data, gates that fail or time out, a dead Prometheus, and the analyzer's own /metrics. The real
+Prometheus scrapes live Istio-style metrics and perch-analyzer runs as a process; the stand-in
+only holds the objects. Everything that depends on Kubernetes itself (promotion through the
+webhook, rollback, restarts and kills, leader election, kubectl perch, an update refused after
+admission) runs on a real control plane in tests/cluster/.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import random
 import re
 import signal
 import subprocess
@@ -31,7 +32,6 @@ from tests.seed import IMAGE_NEW, SEED_SPEC_EARLY, admission_review, podinfo
 from tests.standin import StandIn
 from tests.support.mesh import DeploymentController, IstioExporter, Recorder, free_port
 from tests.support.prometheus import PrometheusServer, missing_binaries
-from tests.validation import validate
 from webhook.handler import PerchAdmitter
 
 pytestmark = pytest.mark.skipif(missing_binaries() is not None, reason=str(missing_binaries()))
@@ -263,59 +263,6 @@ def weights_advanced(events: list[str], name: str) -> list[int]:
     ]
 
 
-def test_healthy_seed_canary_is_promoted_in_ten_steps(rollout: Rollout) -> None:
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    rollout.start_analyzer("--no-leader-elect")
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-
-    name = f"podinfo.{rollout.namespace}"
-    events = rollout.events()
-    assert weights_advanced(events, name) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
-    assert f"Promotion completed! Scaling down podinfo-canary.{rollout.namespace}" in events
-    primary = rollout.get("deployments", "podinfo")
-    assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE_NEW
-    assert rollout.get("deployments", "podinfo-canary")["spec"]["replicas"] == 0
-    route = rollout.get("virtualservices", "podinfo")["spec"]["http"][0]["route"]
-    assert [r["weight"] for r in route] == [100, 0]
-    # The last good template, kept for a failed promotion, is the old one (and schema-valid).
-    saved = rollout.get("canaries", "podinfo")
-    assert saved["spec"]["stableTemplate"]["spec"]["containers"][0]["image"] != IMAGE_NEW
-    validate(saved)
-    # Flagger's load tester contract: its payload, metadata.cmd verbatim.
-    calls = [r["body"] for r in rollout.loadtester.received]
-    assert calls
-    assert calls[0]["name"] == "podinfo"
-    assert calls[0]["namespace"] == rollout.namespace
-    assert calls[0]["metadata"] == {"cmd": "hey -z 1m -q 10 -c 2 http://podinfo.test:9898/"}
-    assert {"name", "namespace", "phase", "checksum", "metadata"} <= set(calls[0])
-
-
-def test_canary_answering_500s_is_rolled_back_after_threshold(rollout: Rollout) -> None:
-    rollout.flow("podinfo-canary", error_ratio=0.3861)
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    rollout.start_analyzer("--no-leader-elect")
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
-
-    name = f"podinfo.{rollout.namespace}"
-    events = rollout.events()
-    halts = [
-        e
-        for e in events
-        if re.fullmatch(rf"Halt {re.escape(name)} advancement success rate \d+\.\d\d% < 99%", e)
-    ]
-    assert len(halts) == 10, events
-    assert f"Rolling back {name} failed checks threshold reached 10" in events
-    assert rollout.status()["failedChecks"] >= 10
-    route = rollout.get("virtualservices", "podinfo")["spec"]["http"][0]["route"]
-    assert [r["weight"] for r in route] == [100, 0]
-    assert rollout.get("deployments", "podinfo-canary")["spec"]["replicas"] == 0
-    primary = rollout.get("deployments", "podinfo")
-    assert primary["spec"]["template"]["spec"]["containers"][0]["image"] != IMAGE_NEW
-    texts = [str(r["body"]) for r in rollout.slack.received]
-    assert any("success rate" in t for t in texts), texts
-
-
 def test_slow_canary_halts_on_latency(rollout: Rollout) -> None:
     # p99 interpolated within Istio's 1 s to 2.5 s bucket: "request duration 2.485s > 500ms".
     rollout.flow("podinfo-canary", latency_seconds=1.515)
@@ -383,46 +330,6 @@ def test_prometheus_killed_mid_analysis_halts_and_never_promotes(
     assert primary["spec"]["template"]["spec"]["containers"][0]["image"] != IMAGE_NEW
 
 
-def test_analyzer_killed_mid_analysis_resumes_without_repeating_a_step(rollout: Rollout) -> None:
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    first = rollout.start_analyzer("--no-leader-elect")
-    # A random point of the analysis; within the tick, wherever the kill lands.
-    kill_at = random.choice(range(5, 50, 5))
-    rollout.wait_for(
-        lambda: rollout.status().get("canaryWeight", 0) >= kill_at, f"weight {kill_at}"
-    )
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    rollout.start_analyzer("--no-leader-elect")
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-    events = rollout.events()
-    advances = weights_advanced(events, f"podinfo.{rollout.namespace}")
-    # Every step once, in order. The one exception is a kill that lands inside a tick, between
-    # the route update and the status write: the restarted analyzer then puts the route back to
-    # the recorded weight, says so, and takes that step again.
-    restored = sum(
-        e.startswith(f"Route of podinfo.{rollout.namespace} has weights") for e in events
-    )
-    assert sorted(set(advances)) == list(range(5, 55, 5))
-    assert advances == sorted(advances) or restored > 0
-    assert len(advances) - len(set(advances)) <= restored
-
-
-def test_two_analyzers_only_the_leader_acts(rollout: Rollout) -> None:
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    env = {"PERCH_LEASE_NAMESPACE": rollout.namespace}
-    rollout.start_analyzer("--leader-elect", "--identity", "a", env=env)
-    rollout.start_analyzer("--leader-elect", "--identity", "b", env=env)
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Succeeded", "promotion")
-    assert weights_advanced(rollout.events(), f"podinfo.{rollout.namespace}") == list(
-        range(5, 55, 5)
-    )
-    lease = rollout.get("leases", "perch-analyzer")
-    assert lease["spec"]["holderIdentity"] in ("a", "b")
-
-
 def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
     rollout.flow("podinfo-canary")
     rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
@@ -445,51 +352,3 @@ def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
     assert "perch_analyzer_ticks_total" in text
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
-
-
-def test_kubectl_perch_abort_rolls_back_mid_analysis(rollout: Rollout) -> None:
-    from perch.plugin import main as kubectl_perch
-
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    rollout.start_analyzer("--no-leader-elect")
-    rollout.wait_for(lambda: rollout.status().get("canaryWeight", 0) >= 10, "weight 10")
-    kubeconfig = str(rollout.standin.kubeconfig(rollout.tmp / "kubectl-config"))
-    assert (
-        kubectl_perch(["--kubeconfig", kubeconfig, "-n", rollout.namespace, "abort", "podinfo"])
-        == 0
-    )
-    rollout.wait_for(lambda: rollout.status().get("phase") == "Failed", "rollback")
-    assert f"Rolling back podinfo.{rollout.namespace} manual abort" in rollout.events()
-    annotations = rollout.get("deployments", "podinfo")["metadata"]["annotations"]
-    rollout.wait_for(
-        lambda: (
-            "perch.dev/action"
-            not in rollout.get("deployments", "podinfo")["metadata"]["annotations"]
-        ),
-        "the action to be cleared",
-    )
-    assert annotations["perch.dev/canary-revision"]
-
-
-def test_canary_whose_update_was_refused_later_is_removed(rollout: Rollout) -> None:
-    """Perch admitted the update, then a later admission plugin refused it: the primary never
-    records the revision, and the analyzer removes the orphaned canary."""
-    rollout.flow("podinfo-canary")
-    rollout.deploy(seed_spec(loadtester=rollout.loadtester.url))
-    # Undo what the stored update did to the primary, as if it had never been stored.
-    apps = client.AppsV1Api(rollout.api)
-    apps.patch_namespaced_deployment(
-        "podinfo",
-        rollout.namespace,
-        {"metadata": {"annotations": {"perch.dev/canary-revision": None}}},
-        _content_type="application/merge-patch+json",
-    )
-    rollout.start_analyzer("--no-leader-elect", "--orphan-grace-seconds", "0")
-    rollout.wait_for(
-        lambda: rollout.status().get("phase") == "Initialized", "the orphan to be dropped"
-    )
-    assert ("deployments", rollout.namespace, "podinfo-canary") not in rollout.standin.objects(
-        "deployments"
-    )
-    assert any("was never applied" in e for e in rollout.events())

@@ -565,6 +565,30 @@ def test_analyzer_as_its_own_deployment() -> None:
     assert not _labels_match(metrics["spec"]["selector"], _pod_labels(release, "webhook"))
 
 
+@pytest.mark.parametrize("mode", ["sidecar", "deployment"])
+def test_analyzer_is_probed_on_the_port_it_serves(mode: str) -> None:
+    release = render({"analyzer": {"mode": mode, "metricsPort": 9091}})
+    owner, pod = release.pod_running("analyzer")
+    assert owner["metadata"]["name"].endswith("-webhook" if mode == "sidecar" else "-analyzer")
+    analyzer = _container(pod, "analyzer")
+    ports = {p["name"]: p["containerPort"] for p in analyzer["ports"]}
+    bind = next(a for a in analyzer["args"] if a.startswith("--metrics-bind="))
+    assert bind == f"--metrics-bind=0.0.0.0:{ports['metrics']}" == "--metrics-bind=0.0.0.0:9091"
+    probes = {"startupProbe": "/healthz", "livenessProbe": "/healthz"}
+    if mode == "deployment":
+        probes["readinessProbe"] = "/readyz"
+    else:
+        # The pod's readiness is the webhook's: admission must not wait for the analyzer's list.
+        assert "readinessProbe" not in analyzer
+    for probe, path in probes.items():
+        assert analyzer[probe]["httpGet"] == {"path": path, "port": "metrics", "scheme": "HTTP"}
+    liveness, startup = analyzer["livenessProbe"], analyzer["startupProbe"]
+    assert (liveness["periodSeconds"], liveness["failureThreshold"]) == (10, 3)
+    assert "initialDelaySeconds" not in liveness  # the startup probe holds it back instead
+    # A process slow to import on a busy node is given a minute before liveness may restart it.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
 # --- every command exists, and its flags are accepted ------------------------------------------
 
 

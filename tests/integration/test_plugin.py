@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
 from perch.plugin import main
@@ -89,3 +90,138 @@ def test_status_prints_the_canaries(standin: StandIn, kubeconfig: str, capsys) -
         "LASTTRANSITIONTIME",
     ]
     assert lines[1].split()[:6] == ["test", "podinfo", "Progressing", "15", "1", "v1-abc"]
+
+
+def _create_canary(standin: StandIn, namespace: str, phase: str) -> None:
+    custom = client.CustomObjectsApi(standin.api_client())
+    custom.create_namespaced_custom_object(
+        "perch.dev",
+        "v1alpha1",
+        namespace,
+        "canaries",
+        {
+            "apiVersion": "perch.dev/v1alpha1",
+            "kind": "Canary",
+            "metadata": {"name": "podinfo"},
+            "spec": {"targetRef": {"name": "podinfo"}},
+        },
+    )
+    custom.patch_namespaced_custom_object_status(
+        "perch.dev", "v1alpha1", namespace, "canaries", "podinfo", {"status": {"phase": phase}}
+    )
+
+
+def _rows(out: str) -> list[list[str]]:
+    return [line.split()[:3] for line in out.splitlines()[1:]]
+
+
+def test_status_all_namespaces_after_the_subcommand(
+    standin: StandIn, kubeconfig: str, capsys
+) -> None:
+    _create_canary(standin, "test", "Progressing")
+    _create_canary(standin, "default", "Succeeded")
+    assert main(["--kubeconfig", kubeconfig, "status", "-A"]) == 0
+    assert _rows(capsys.readouterr().out) == [
+        ["default", "podinfo", "Succeeded"],
+        ["test", "podinfo", "Progressing"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "-n", "test", "podinfo"],
+        ["-n", "test", "status", "podinfo"],
+        ["status", "podinfo", "-n", "test"],
+        # The flag after the subcommand wins, as kubectl's last flag does.
+        ["-n", "default", "status", "-n", "test", "podinfo"],
+    ],
+)
+def test_status_namespace_before_or_after_the_subcommand(
+    standin: StandIn, kubeconfig: str, argv: list[str], capsys
+) -> None:
+    _create_canary(standin, "test", "Progressing")
+    _create_canary(standin, "default", "Succeeded")
+    assert main(["--kubeconfig", kubeconfig, *argv]) == 0
+    assert _rows(capsys.readouterr().out) == [["test", "podinfo", "Progressing"]]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["promote", "podinfo", "-n", "test"],
+        ["promote", "-n", "test", "podinfo"],
+        ["-n", "test", "promote", "podinfo"],
+    ],
+)
+def test_action_namespace_anywhere(standin: StandIn, kubeconfig: str, argv: list[str]) -> None:
+    _deploy(standin)
+    assert main(["--kubeconfig", kubeconfig, *argv]) == 0
+    stored = standin.objects("deployments")[("deployments", "test", "podinfo")]
+    assert stored["metadata"]["annotations"]["perch.dev/action"] == "promote"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--kubeconfig", "{kubeconfig}", "-n", "test"],
+        ["abort", "podinfo", "--kubeconfig", "{kubeconfig}", "-n", "test"],
+        # After the subcommand wins: the top-level path does not exist.
+        [
+            "--kubeconfig",
+            "{missing}",
+            "abort",
+            "--kubeconfig",
+            "{kubeconfig}",
+            "-n",
+            "test",
+            "podinfo",
+        ],
+    ],
+)
+def test_kubeconfig_after_the_subcommand(
+    standin: StandIn, kubeconfig: str, tmp_path: Path, argv: list[str]
+) -> None:
+    _deploy(standin)
+    _create_canary(standin, "test", "Progressing")
+    paths = {"kubeconfig": kubeconfig, "missing": str(tmp_path / "missing")}
+    assert main([a.format(**paths) for a in argv]) == 0
+
+
+def test_namespace_defaults_to_the_kubeconfig_contexts(
+    standin: StandIn, kubeconfig: str, capsys
+) -> None:
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    config["contexts"][0]["context"]["namespace"] = "test"
+    Path(kubeconfig).write_text(yaml.safe_dump(config))
+    _deploy(standin)
+    assert main(["--kubeconfig", kubeconfig, "promote", "podinfo"]) == 0
+    stored = standin.objects("deployments")[("deployments", "test", "podinfo")]
+    assert stored["metadata"]["annotations"]["perch.dev/action"] == "promote"
+
+
+def test_namespace_defaults_to_default_without_one_in_the_context(
+    standin: StandIn, kubeconfig: str, capsys
+) -> None:
+    assert main(["--kubeconfig", kubeconfig, "promote", "podinfo"]) == 1
+    assert "deployment default/podinfo not found" in capsys.readouterr().err
+
+
+def test_missing_kubeconfig_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["promote", "podinfo", "--kubeconfig", str(tmp_path / "nope")]) == 1
+    assert f"kubeconfig {tmp_path / 'nope'}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["-A", "promote", "podinfo"], ["abort", "podinfo", "-A"], ["status", "-A", "podinfo"]]
+)
+def test_all_namespaces_is_refused_where_it_means_nothing(
+    standin: StandIn, kubeconfig: str, argv: list[str], capsys
+) -> None:
+    _deploy(standin)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--kubeconfig", kubeconfig, *argv])
+    assert exit_.value.code == 2
+    assert "-A/--all-namespaces" in capsys.readouterr().err
+    stored = standin.objects("deployments")[("deployments", "test", "podinfo")]
+    assert "perch.dev/action" not in stored["metadata"]["annotations"]

@@ -123,12 +123,33 @@ class ControlPlane:
                     yield event
 
     def restart(self) -> None:
-        """kube-down then kube-up on the same folder: etcd's data is kept, ports too."""
+        """kube-down then kube-up on the same folder: etcd's data is kept.
+
+        The API server may come back on another port (kube-up picks a new one while sockets of
+        the old server linger) and rewrites ``kubeconfig``: clients made before must be made again
+        from it, and kubeconfigs derived from it (ServiceAccount ones) re-pointed with
+        :func:`repoint`."""
         found = assets()
         if self.directory is None or found is None:
             raise RuntimeError("only a control plane this session started can be restarted")
         subprocess.run([str(found / "kube-down"), str(self.directory)], check=True, timeout=120)
         _up(found, self.directory)
+
+
+def server_of(kubeconfig: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+
+
+def repoint(kubeconfig: Path, *, server: str) -> None:
+    """Point a kubeconfig derived from the control plane's at its current address."""
+    import yaml
+
+    config = yaml.safe_load(kubeconfig.read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = server
+    kubeconfig.write_text(yaml.safe_dump(config))
 
 
 def _up(found: Path, directory: Path) -> Path:

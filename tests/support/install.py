@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,30 @@ def wait_established(api: client.ApiClient, names: Iterable[str]) -> None:
             time.sleep(0.1)
 
 
+def warm(api: client.ApiClient) -> None:
+    """The first write of each custom kind after its CRD is installed can take the API server
+    seconds (storage and validators are built then), longer than the webhook's 2 s API timeout.
+    Write each once, so that the first test meets a warm server like every later one."""
+    ns = f"warm-{uuid.uuid4().hex[:6]}"
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    core.create_namespace({"metadata": {"name": ns}})
+    meta = {"name": "warm", "namespace": ns}
+    for group, version, plural, kind, spec in (
+        ("perch.dev", "v1alpha1", "canaries", "Canary", {"targetRef": {"name": "warm"}}),
+        ("networking.istio.io", "v1", "virtualservices", "VirtualService", {"hosts": ["warm"]}),
+        (
+            "gateway.networking.k8s.io",
+            "v1",
+            "httproutes",
+            "HTTPRoute",
+            {"rules": [{"backendRefs": [{"name": "warm", "port": 80}]}]},
+        ),
+    ):
+        obj = {"apiVersion": f"{group}/{version}", "kind": kind, "metadata": meta, "spec": spec}
+        custom.create_namespaced_custom_object(group, version, ns, plural, obj, _request_timeout=60)
+    core.delete_namespace(ns)
+
+
 def kubeconfig_for(
     api: client.ApiClient,
     admin_kubeconfig: Path,
@@ -164,6 +189,7 @@ def install(
             if o["kind"] in APPLIED_KINDS and o["kind"] not in ("CustomResourceDefinition",)
         ],
     )
+    warm(api)
     accounts = {o["metadata"]["name"] for o in release.find("ServiceAccount")}
     webhook_sa = f"{RELEASE}-webhook"
     analyzer_sa = f"{RELEASE}-analyzer" if f"{RELEASE}-analyzer" in accounts else webhook_sa

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -54,7 +55,8 @@ class FakeKubelet:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.node = node
-        self._withheld: set[tuple[str, str]] = set()
+        # (namespace, pod name pattern, image or "" for any): pods that never become Ready.
+        self._withheld: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ips = (f"10.244.{i // 250}.{i % 250 + 2}" for i in itertools.count())
@@ -74,17 +76,20 @@ class FakeKubelet:
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=6)
 
-    def withhold(self, namespace: str, prefix: str) -> None:
-        """Pods of `namespace` whose name starts with `prefix` run but are never Ready."""
+    def withhold(self, namespace: str, pattern: str, *, image: str = "") -> None:
+        """Pods of `namespace` whose name matches the regular expression `pattern` from its start
+        (and that run `image`, when given) run but are never Ready: a release that does not come
+        up. A Deployment's pods are named ``<deployment>-<hash>-<suffix>``, so
+        ``podinfo-[a-z0-9]+-[a-z0-9]+$`` means the primary's pods and not podinfo-canary's."""
         with self._lock:
-            self._withheld.add((namespace, prefix))
+            self._withheld.add((namespace, pattern, image))
         self.resync(namespace)
 
-    def release(self, namespace: str, prefix: str) -> None:
+    def release(self, namespace: str, pattern: str, *, image: str = "") -> None:
         with self._lock:
-            self._withheld.discard((namespace, prefix))
+            self._withheld.discard((namespace, pattern, image))
         self.resync(namespace)
 
     def resync(self, namespace: str) -> None:
@@ -194,7 +199,8 @@ class FakeKubelet:
         stream = watch.Watch().stream(
             self.core.list_pod_for_all_namespaces,
             resource_version=resource_version,
-            timeout_seconds=60,
+            # Short, so that stop() does not wait long for a watch with nothing to say.
+            timeout_seconds=5,
             allow_watch_bookmarks=False,
         )
         for event in stream:
@@ -202,9 +208,15 @@ class FakeKubelet:
                 raise RuntimeError(f"watch error: {event.get('raw_object')}")
             yield event
 
-    def _is_withheld(self, namespace: str, name: str) -> bool:
+    def _is_withheld(self, pod: dict[str, Any]) -> bool:
+        meta = pod.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        images = {c.get("image") for c in (pod.get("spec") or {}).get("containers") or []}
         with self._lock:
-            return any(ns == namespace and name.startswith(p) for ns, p in self._withheld)
+            return any(
+                ns == namespace and re.match(pattern, name) and (not image or image in images)
+                for ns, pattern, image in self._withheld
+            )
 
     def _handle(self, pod: dict[str, Any]) -> None:
         meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
@@ -217,7 +229,7 @@ class FakeKubelet:
                 return
             if not spec.get("nodeName"):
                 self._bind(namespace, name)
-            ready = not self._is_withheld(namespace, name)
+            ready = not self._is_withheld(pod)
             if self._ready.get((namespace, name)) == ready and self._reported(pod, ready):
                 return
             self._report(pod, ready=ready)

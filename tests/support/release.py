@@ -30,6 +30,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.speccache import cached_parse_spec
 from tests.seed import IMAGE_NEW, SEED_SPEC_EARLY, podinfo
@@ -106,6 +107,8 @@ class Release:
     loadtester: Recorder = field(default_factory=lambda: Recorder().start())
     analyzers: list[Analyzer] = field(default_factory=list)
     weights_seen: list[tuple[int, int]] = field(default_factory=list)
+    # The primary's pod template revisions, in the order the API server stored them.
+    primary_revisions_seen: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _manifest: dict[str, Any] | None = None
 
@@ -168,10 +171,20 @@ class Release:
         raw = [self.api.sanitize_for_serialization(e) for e in found.items]
         return sorted(raw, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
+    def route_resource(self) -> tuple[str, str, str]:
+        """(group, version, plural) of the object that carries the weights, by provider."""
+        annotations = self.primary()["metadata"].get("annotations") or {}
+        spec = cached_parse_spec(annotations.get("perch.dev/spec"))
+        if spec.provider == "gatewayapi":
+            return "gateway.networking.k8s.io", "v1", "httproutes"
+        return "networking.istio.io", "v1", "virtualservices"
+
     def route(self) -> dict[str, Any] | None:
         try:
-            return client.CustomObjectsApi(self.api).get_namespaced_custom_object(  # type: ignore[no-any-return]
-                "networking.istio.io", "v1", self.namespace, "virtualservices", self.name
+            return client.CustomObjectsApi(
+                self.api
+            ).get_namespaced_custom_object(  # type: ignore[no-any-return]
+                *self.route_resource()[:2], self.namespace, self.route_resource()[2], self.name
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -348,7 +361,8 @@ class Release:
             if value:
                 return value
             for a in self.analyzers:
-                if a.process.poll() not in (None, -9, -15, 0):
+                # -9, -15: killed or stopped by the test; 137: a crash point (analyzer/faults.py).
+                if a.process.poll() not in (None, -9, -15, 0, 137):
                     raise AssertionError(
                         f"perch-analyzer exited with {a.process.returncode}:\n{self.logs()[-6000:]}"
                     )
@@ -376,13 +390,15 @@ class Release:
         """Record every weight the route takes from now on (a watch sees each stored change)."""
         ready = threading.Event()
 
+        group, version, plural = self.route_resource()
+
         def run() -> None:
             custom = client.CustomObjectsApi(self.api)
             rv = ""
             while not self._stop.is_set():
                 try:
                     listed = custom.list_namespaced_custom_object(
-                        "networking.istio.io", "v1", self.namespace, "virtualservices"
+                        group, version, self.namespace, plural
                     )
                     rv = listed["metadata"]["resourceVersion"]
                     for item in listed["items"]:
@@ -390,10 +406,10 @@ class Release:
                     ready.set()
                     for event in watch.Watch().stream(
                         custom.list_namespaced_custom_object,
-                        "networking.istio.io",
-                        "v1",
+                        group,
+                        version,
                         self.namespace,
-                        "virtualservices",
+                        plural,
                         resource_version=rv,
                         timeout_seconds=30,
                     ):
@@ -406,6 +422,43 @@ class Release:
 
         threading.Thread(target=run, daemon=True, name=f"weights-{self.namespace}").start()
         ready.wait(30)
+
+    def watch_primary(self) -> None:
+        """Record every template revision the primary is stored with from now on."""
+        ready = threading.Event()
+
+        def run() -> None:
+            apps = client.AppsV1Api(self.api)
+            selector = f"metadata.name={self.name}"
+            while not self._stop.is_set():
+                try:
+                    listed = apps.list_namespaced_deployment(
+                        self.namespace, field_selector=selector
+                    )
+                    for item in listed.items:
+                        self._saw_primary(self.api.sanitize_for_serialization(item))
+                    ready.set()
+                    for event in watch.Watch().stream(
+                        apps.list_namespaced_deployment,
+                        self.namespace,
+                        field_selector=selector,
+                        resource_version=listed.metadata.resource_version,
+                        timeout_seconds=30,
+                    ):
+                        if self._stop.is_set():
+                            return
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            self._saw_primary(event["raw_object"])
+                except Exception:
+                    time.sleep(0.2)
+
+        threading.Thread(target=run, daemon=True, name=f"primary-{self.namespace}").start()
+        ready.wait(30)
+
+    def _saw_primary(self, dep: dict[str, Any]) -> None:
+        revision = template_revision(dep["spec"]["template"])
+        if not self.primary_revisions_seen or self.primary_revisions_seen[-1] != revision:
+            self.primary_revisions_seen.append(revision)
 
     def _saw(self, route: dict[str, Any]) -> None:
         if route["metadata"]["name"] != self.name:

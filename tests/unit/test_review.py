@@ -337,3 +337,39 @@ def test_request_is_not_mutated():
     before = copy.deepcopy(body)
     decide(body)
     assert body == before
+
+
+def test_a_reinvocation_of_the_request_that_started_the_canary_keeps_it():
+    # Perch held NEW back; a policy webhook after it then stamped the held-back template, and the
+    # API server calls Perch again for the same request (with another uid) with that template.
+    body = update(podinfo(image=IMAGE_NEW))
+    first = decide(body, Observed(canary=record(initialized(revision=STABLE_REV, at=NOW)).canary))
+    write = first.actions[0]
+    assert isinstance(write, WriteCanaryObject)
+    stamped = patched(body, first)
+    stamped["spec"]["template"]["metadata"]["annotations"]["policy.example.com/checked"] = "true"
+    observed = Observed(
+        canary=CanaryRecord(revision=NEW_REV, status=write.status, resource_version="8")
+    )
+    d = decide(update(stamped, podinfo(), uid="second-call"), observed)
+    assert d.allowed and d.reason == "reinvoked" and d.patch == () and d.actions == ()
+    # A user's request for that template carries the stored annotations: a release like any other.
+    stored = podinfo()
+    stored["metadata"]["annotations"]["perch.dev/canary-revision"] = NEW_REV
+    user = copy.deepcopy(stamped)
+    assert decide(update(user, stored), observed).reason == "canary-replaced"
+
+
+def test_a_reinvocation_of_the_promotion_lets_the_edited_template_through():
+    promoting = CanaryStatus(
+        phase="Promoting", canary_revision=NEW_REV, canary_weight=50, handoff_revision=NEW_REV
+    )
+    new = podinfo(image=IMAGE_NEW)
+    new["metadata"]["annotations"]["perch.dev/promoted-revision"] = NEW_REV
+    body = update(new)
+    first = decide(body, record(promoting, NEW_REV))
+    assert first.reason == "promotion"
+    stamped = patched(body, first)
+    stamped["spec"]["template"]["metadata"]["annotations"]["policy.example.com/checked"] = "true"
+    d = decide(update(stamped, podinfo(), uid="second-call"), record(promoting, NEW_REV))
+    assert d.reason == "reinvoked" and d.patch == ()

@@ -186,6 +186,17 @@ seccompProfile:
     - name: metrics
       containerPort: {{ $values.analyzer.metricsPort }}
       protocol: TCP
+  # /healthz fails when the watch cache's threads have died, or when a leader's scheduler has not
+  # resynced for three resync periods; never on the API server's state, nor while the first list
+  # is still running. The startup probe gives the process a minute to come up before liveness.
+  startupProbe:
+    httpGet:
+      path: /healthz
+      port: metrics
+      scheme: HTTP
+    periodSeconds: 2
+    timeoutSeconds: 3
+    failureThreshold: 30
   livenessProbe:
     httpGet:
       path: /healthz
