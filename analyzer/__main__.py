@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tick=analyzer.tick,
         interval_for=analyzer.interval_for,
         resync_seconds=args.resync_seconds,
+        wake_on_primary=analyzer.waits_for_primary,
     )
 
     telemetry.watch_lags(scheduler.tick_lags)

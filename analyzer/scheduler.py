@@ -8,7 +8,9 @@ says so). Jobs follow the watch cache:
   phases), a number adds the job or reschedules it when the interval changed;
 - a Canary disappears → its job goes;
 - a change of the Deployment of the same name re-evaluates its Canary (the spec, and so the
-  interval, lives in the Deployment's annotation);
+  interval, lives in the Deployment's annotation), and runs its tick at once when
+  ``wake_on_primary(canary)`` says it waits for the primary (a promotion waiting for the primary's
+  rollout: finished the moment the rollout is, not up to an interval later);
 - every ``resync_seconds`` a resync job reconciles all jobs with the cache, so that a lost or
   failed callback costs at most one resync period.
 
@@ -137,10 +139,12 @@ class CanaryScheduler:
         resync_seconds: float = DEFAULT_RESYNC_SECONDS,
         max_workers: int = DEFAULT_MAX_WORKERS,
         lag_samples: int = DEFAULT_LAG_SAMPLES,
+        wake_on_primary: Callable[[Mapping[str, Any]], bool] = lambda canary: False,
     ) -> None:
         self._cache = cache
         self._tick = tick
         self._interval_for = interval_for
+        self._wake_on_primary = wake_on_primary
         self._resync_seconds = resync_seconds
         self._max_workers = max_workers
 
@@ -291,18 +295,32 @@ class CanaryScheduler:
 
     def _on_change(self, kind: Kind, event_type: EventType, obj: dict[str, Any]) -> None:
         namespace, name = _identity(obj)
+        wake = False
         if kind == "Deployment":
             canary = self._cache.get(namespace, name)
             if canary is None:
                 return
+            # A canary waiting for its primary (a promotion's rollout) ticks as soon as the
+            # primary changes, rather than up to an interval later.
+            wake = event_type != "DELETED" and self._wants_wake(canary)
             kind, event_type, obj = "Canary", "MODIFIED", canary
         with self._lock:
             if self._state == "stopped":
                 return  # start() resyncs everything
+            job = job_id(namespace, name)
             if event_type == "DELETED":
-                self._remove(job_id(namespace, name))
-            else:
-                self._apply(job_id(namespace, name), self._interval_or_keep(obj))
+                self._remove(job)
+                return
+            self._apply(job, self._interval_or_keep(obj))
+            if wake and self._scheduler is not None and self._scheduler.get_job(job) is not None:
+                self._scheduler.modify_job(job, next_run_time=datetime.now(UTC))
+
+    def _wants_wake(self, canary: Mapping[str, Any]) -> bool:
+        try:
+            return self._wake_on_primary(canary)
+        except Exception:
+            log.exception("wake_on_primary failed for canary %s/%s", *_identity(canary))
+            return False
 
     def _interval_or_keep(self, obj: Mapping[str, Any]) -> float | _Keep | None:
         try:

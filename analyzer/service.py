@@ -338,6 +338,11 @@ class Analyzer:
             return None
         return spec.analysis.interval_seconds
 
+    @staticmethod
+    def waits_for_primary(canary: Mapping[str, Any]) -> bool:
+        """Promoting waits for the primary's rollout: its next step is due when that finishes."""
+        return (canary.get("status") or {}).get("phase") == "Promoting"
+
     def _idle(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> bool:
         """Nothing to do until something changes: an idle phase, no control asked for, and no
         canary pods left running (a tick cut short after committing Succeeded leaves them)."""
