@@ -234,20 +234,12 @@ class Actor:
         applier = applier_of(ctx.primary, "spec", "template")
         try:
             if applier is not None:
-                config = applied_configuration(ctx.primary, applier)
-                config["metadata"]["resourceVersion"] = resource_version(ctx.primary)
-                config["metadata"].setdefault("annotations", {})[ANNOTATION_PROMOTED_REVISION] = (
-                    mark
-                )
-                config.setdefault("spec", {})["template"] = dict(template)
-                self.kube.apply(DEPLOYMENTS, ctx.namespace, ctx.name, config, field_manager=applier)
+                self._apply_as(ctx, applier, template=template, mark=mark)
                 return
-            ops: list[dict[str, Any]] = [
-                {
-                    "op": "test",
-                    "path": "/metadata/resourceVersion",
-                    "value": resource_version(ctx.primary),
-                },
+            ops = [
+                # The generation, not the resourceVersion: the Deployment controller's status
+                # writes change the latter all through a rollout, and are no reason to refuse.
+                _test_generation(ctx.primary),
                 {"op": "replace", "path": "/spec/template", "value": dict(template)},
             ]
             if (ctx.primary.get("metadata") or {}).get("annotations") is None:
@@ -265,9 +257,61 @@ class Actor:
                 raise StaleRead(f"the primary changed since it was read: {exc.reason}") from exc
             raise
 
+    def _apply_as(
+        self, ctx: TickContext, applier: str, *, template: Mapping[str, Any], mark: str
+    ) -> None:
+        """The template applied as `applier`, with Perch's mark written before as Perch's own:
+        the tool's next apply then leaves the mark alone and git and the live object agree. The
+        mark changes no template, so the webhook is not asked for it."""
+        annotations = (ctx.primary.get("metadata") or {}).get("annotations") or {}
+        ops: list[dict[str, Any]] = [_test_generation(ctx.primary)]
+        if annotations.get(ANNOTATION_PROMOTED_REVISION) != mark:
+            if not annotations:
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+            ops.append(
+                {
+                    "op": "add",
+                    "path": json_pointer("metadata", "annotations", ANNOTATION_PROMOTED_REVISION),
+                    "value": mark,
+                }
+            )
+        current = self.kube.json_patch(DEPLOYMENTS, ctx.namespace, ctx.name, ops)
+        config = applied_configuration(ctx.primary, applier)
+        config["metadata"].get("annotations", {}).pop(ANNOTATION_PROMOTED_REVISION, None)
+        config.setdefault("spec", {})["template"] = dict(template)
+        for _ in range(_APPLY_ATTEMPTS):
+            config["metadata"]["resourceVersion"] = resource_version(current)
+            try:
+                self.kube.apply(DEPLOYMENTS, ctx.namespace, ctx.name, config, field_manager=applier)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            # Refused because the object changed since: go on only if nothing but its status
+            # did (same generation), else it is someone's update and the next tick decides.
+            fresh = self.kube.get(DEPLOYMENTS, ctx.namespace, ctx.name) or {}
+            if (fresh.get("metadata") or {}).get("generation") != current["metadata"].get(
+                "generation"
+            ):
+                raise StaleRead("the primary was updated while the promotion was written")
+            current = fresh
+        raise StaleRead("the primary kept changing while the promotion was written")
+
     def clear_control(self, ctx: TickContext) -> None:
         body = {"metadata": {"annotations": {ANNOTATION_ACTION: None}}}
         self.kube.merge_patch(DEPLOYMENTS, ctx.namespace, ctx.name, body)
+
+
+_APPLY_ATTEMPTS = 5
+
+
+def _test_generation(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON patch precondition: the object's spec and annotations are as read."""
+    return {
+        "op": "test",
+        "path": "/metadata/generation",
+        "value": (obj.get("metadata") or {}).get("generation"),
+    }
 
 
 class StaleRead(Exception):

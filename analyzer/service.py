@@ -338,10 +338,14 @@ class Analyzer:
             return None
         return spec.analysis.interval_seconds
 
-    @staticmethod
-    def waits_for_primary(canary: Mapping[str, Any]) -> bool:
-        """Promoting waits for the primary's rollout: its next step is due when that finishes."""
-        return (canary.get("status") or {}).get("phase") == "Promoting"
+    def waits_for_primary(self, canary: Mapping[str, Any]) -> bool:
+        """A promotion waits for the primary's rollout: its next step is due the moment the
+        primary has rolled out (only then, so the rollout's many status writes cost no ticks)."""
+        if (canary.get("status") or {}).get("phase") != "Promoting":
+            return False
+        meta = canary.get("metadata") or {}
+        primary = self.cache.get(meta.get("namespace", ""), meta.get("name", ""), kind="Deployment")
+        return primary is not None and workload(primary).rolled_out
 
     def _idle(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> bool:
         """Nothing to do until something changes: an idle phase, no control asked for, and no

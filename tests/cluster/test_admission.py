@@ -763,7 +763,11 @@ def test_gatewayapi_provider_makes_an_httproute_the_api_server_accepts(release: 
     ]
     assert route["metadata"]["labels"][MANAGED_BY] == "perch"
     assert route["metadata"]["ownerReferences"][0]["uid"] == release.primary()["metadata"]["uid"]
-    assert release.route() is None  # no VirtualService
+    with pytest.raises(client.exceptions.ApiException) as no_vs:  # no VirtualService
+        client.CustomObjectsApi(release.api).get_namespaced_custom_object(
+            "networking.istio.io", "v1", release.namespace, "virtualservices", "podinfo"
+        )
+    assert no_vs.value.status == 404
 
     # A release rewrites the route (reset to 100 % primary); the CRD's CEL rules accept it too.
     done = set_image(release, IMAGE_NEW)

@@ -102,7 +102,7 @@ def test_abort_rolls_back_and_retry_analyses_the_revision_again(release: Release
     assert kubectl_perch(app, "abort", "podinfo", "-n", app.namespace).returncode == 0
     app.wait_phase("Failed")
     target = f"podinfo.{app.namespace}"
-    assert f"Rolling back {target} manual abort" in app.events()
+    app.wait_events(f"Rolling back {target} manual abort")
     assert app.image() == IMAGE_STABLE
     assert app.weights() == (100, 0)
     app.wait_for(lambda: app.deployment("podinfo-canary")["spec"]["replicas"] == 0, "scale to 0")

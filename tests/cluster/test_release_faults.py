@@ -14,6 +14,7 @@ import re
 import time
 
 import pytest
+from kubernetes import client
 
 from perch.revision import template_revision
 from tests.seed import IMAGE_NEW
@@ -62,9 +63,9 @@ def test_a_failing_release_rolls_back_and_the_primary_never_changes(release: Rel
     app.start_analyzer()
     app.wait_phase("Failed", "Succeeded")
     target = f"podinfo.{app.namespace}"
-    events = app.events()
     status = app.status()
-    assert status["phase"] == "Failed", events
+    assert status["phase"] == "Failed", app.events()
+    events = app.wait_events(f"Canary failed! Scaling down podinfo-canary.{app.namespace}")
     halts = [
         e
         for e in events
@@ -165,10 +166,11 @@ def test_a_promotion_that_never_rolls_out_restores_the_last_good_template(
         "the last good template to be restored",
     )
     target = f"podinfo.{app.namespace}"
-    events = app.events()
     rolled_back = f"Rolling back {target} promotion failed: {target} not rolled out after 4s"
     if point is None:
-        assert any(e.startswith(rolled_back) for e in events), events
+        app.wait_for(
+            lambda: any(e.startswith(rolled_back) for e in app.events()), "the rollback's event"
+        )
     else:
         # The crash came after the status write and before the events (which are at most once):
         # the Canary's condition says what happened, and the restart says it finished the restore.
@@ -176,7 +178,8 @@ def test_a_promotion_that_never_rolls_out_restores_the_last_good_template(
         assert (condition["reason"], condition["status"]) == ("Failed", "False")
         assert condition["message"].startswith("Promotion failed"), condition
     if point == "CommitStatus@Failed":
-        assert any(e.startswith(f"Restoring {target} to revision {stable} again") for e in events)
+        again = f"Restoring {target} to revision {stable} again"
+        app.wait_for(lambda: any(e.startswith(again) for e in app.events()), "the restore's event")
     new = app.status()["canaryRevision"]
     assert app.primary_revisions_seen == [stable, new, stable]
     # Traffic was never all sent to the broken primary: the canary kept its 50 % until the
@@ -184,3 +187,29 @@ def test_a_promotion_that_never_rolls_out_restores_the_last_good_template(
     app.wait_for(lambda: app.weights() == (100, 0), "traffic back on the restored primary")
     assert app.weights_seen == [(100, 0), (75, 25), (50, 50), (100, 0)]
     assert app.status()["failedRevision"] == new
+
+
+def test_the_canary_and_its_route_deleted_mid_analysis_come_back(release: Release) -> None:
+    """Someone deletes the canary Deployment and the VirtualService while the analysis runs: the
+    analyzer makes them again from the Canary object (the template) and the status (the weight),
+    and the release goes on from where it was."""
+    app = release
+    start_release(app, QUICK_SPEC)
+    app.start_analyzer()
+    app.wait_for(lambda: app.status().get("canaryWeight") == 25, "weight 25")
+    apps, custom = client.AppsV1Api(app.api), client.CustomObjectsApi(app.api)
+    apps.delete_namespaced_deployment("podinfo-canary", app.namespace)
+    custom.delete_namespaced_custom_object(
+        "networking.istio.io", "v1", app.namespace, "virtualservices", "podinfo"
+    )
+    app.wait_phase("Succeeded", "Failed")
+    assert app.phase() == "Succeeded", app.events()
+    assert app.image() == IMAGE_NEW
+    target = f"podinfo.{app.namespace}"
+    assert any(e.startswith(f"Route of {target} not found; re-creating it") for e in app.events())
+    assert "recreated missing canary Deployment" in app.logs()
+    # Never back to an earlier weight, never a step skipped.
+    assert [w for w in app.weights_seen if w != (100, 0)] in (
+        [(75, 25), (50, 50)],
+        [(75, 25), (75, 25), (50, 50)],
+    )

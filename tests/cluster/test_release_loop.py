@@ -34,7 +34,7 @@ def assert_promoted(app: Release) -> None:
     target, canary = f"podinfo.{app.namespace}", f"podinfo-canary.{app.namespace}"
     status = app.status()
     assert status["phase"] == "Succeeded", status
-    events = app.events()
+    events = app.wait_events(f"Promotion completed! Scaling down {canary}")
     assert advanced(events, target) == SEED_WEIGHTS, events
     assert f"Copying {canary} template spec to {target}" in events
     assert f"Promotion completed! Scaling down {canary}" in events

@@ -48,9 +48,9 @@ def unavailable() -> str | None:
         return None
     return (
         f"cluster tier: no Kubernetes control plane. Set {KUBECONFIG_ENV} to the kubeconfig of a "
-        f"cluster (kind create cluster), or {ASSETS_ENV} to a folder with kube-up/kube-down "
-        "(etcd, kube-apiserver, kube-controller-manager; e.g. the shared/kube folder of the "
-        "Perch workspace, or controller-runtime's setup-envtest binaries wrapped by it)"
+        f"cluster (e.g. kind create cluster), or {ASSETS_ENV} to a folder whose kube-up DIR / "
+        "kube-down DIR scripts start and stop etcd, kube-apiserver and kube-controller-manager "
+        f"(looked for in {SHARED_ASSETS} by default); see docs/testing.md"
     )
 
 

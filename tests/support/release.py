@@ -164,6 +164,17 @@ class Release:
         """The messages of the Canary's Events, oldest first (as kubectl describe lists them)."""
         return [e["message"] for e in self.event_objects()]
 
+    def wait_events(self, *messages: str, deadline: float = 30.0) -> list[str]:
+        """The events once all of `messages` are among them (events follow the status write
+        that decided them, so they can arrive a moment after the phase)."""
+        return list(
+            self.wait_for(
+                lambda: (found := self.events()) and all(m in found for m in messages) and found,
+                f"events {messages}",
+                deadline=deadline,
+            )
+        )
+
     def event_objects(self) -> list[dict[str, Any]]:
         found = client.CoreV1Api(self.api).list_namespaced_event(
             self.namespace, field_selector="involvedObject.kind=Canary"
@@ -173,9 +184,12 @@ class Release:
 
     def route_resource(self) -> tuple[str, str, str]:
         """(group, version, plural) of the object that carries the weights, by provider."""
-        annotations = self.primary()["metadata"].get("annotations") or {}
-        spec = cached_parse_spec(annotations.get("perch.dev/spec"))
-        if spec.provider == "gatewayapi":
+        primary = self.deployment()
+        text = getattr(self, "_spec", None)
+        if primary is not None:
+            text = (primary["metadata"].get("annotations") or {}).get("perch.dev/spec")
+        provider = cached_parse_spec(text).provider if text else "istio"
+        if provider == "gatewayapi":
             return "gateway.networking.k8s.io", "v1", "httproutes"
         return "networking.istio.io", "v1", "virtualservices"
 
