@@ -15,10 +15,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from analyzer.alerts import AlertProviderResolver
 from analyzer.cache import WatchCache
 from analyzer.http import liveness_problem, serve
 from analyzer.leader import AlwaysLeader, LeaseElector
+from analyzer.metrics.base import ProviderSettings
 from analyzer.metrics.prometheus import PrometheusProvider
+from analyzer.metrics.resolver import TemplateResolver
 from analyzer.notify import Notifications
 from analyzer.scheduler import CanaryScheduler
 from analyzer.service import Analyzer
@@ -108,8 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     telemetry = Telemetry()
     kube = Kube(api_client, timeout=5.0, field_manager="perch-analyzer")
     cache = WatchCache(api_client, namespaces=args.namespace)
+    # MetricTemplates in a cache of their own: the scheduler follows only Canaries and
+    # Deployments, and a missing MetricTemplate CRD must not hold the canaries' cache back.
+    template_cache = WatchCache(api_client, namespaces=args.namespace, kinds=("MetricTemplate",))
     provider = PrometheusProvider(args.prometheus_url, timeout_seconds=args.prometheus_timeout)
-    notifications = Notifications.from_env(os.environ)
+    templates = TemplateResolver(
+        templates=template_cache,
+        secrets=kube,
+        default=ProviderSettings(args.prometheus_url, timeout_seconds=args.prometheus_timeout),
+    )
+    # Its own client: AlertProvider and Secret reads run on the notifications' thread, and are
+    # counted apart from the ticks' calls.
+    alert_providers = AlertProviderResolver(
+        Kube(api_client, timeout=5.0, field_manager="perch-analyzer")
+    )
+    notifications = Notifications.from_env(os.environ, resolver=alert_providers)
     analyzer = Analyzer(
         kube=kube,
         cache=cache,
@@ -118,13 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         telemetry=telemetry,
         max_active=args.max_active,
         orphan_grace=args.orphan_grace_seconds,
+        templates=templates,
     )
     telemetry.count_calls(
         kubernetes=lambda: {
             "ticks": kube.calls,
+            "alert-providers": alert_providers.calls,
             **{f"cache-{k}": v for k, v in cache.api_calls().items()},
+            **{f"templates-{k}": v for k, v in template_cache.api_calls().items()},
         },
-        prometheus=lambda: provider.calls,
+        prometheus=lambda: provider.calls + templates.calls,
     )
     scheduler = CanaryScheduler(
         cache=cache,
@@ -171,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def live() -> str | None:
         return liveness_problem(
-            cache_alive=cache.alive(),
+            cache_alive=cache.alive() and template_cache.alive(),
             leading_since=leading_since,
             last_resync=scheduler.last_resync(),
             resync_seconds=args.resync_seconds,
@@ -190,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     cache.start()
+    template_cache.start()
     cache.wait_synced(timeout=60)
+    # Before the first tick: a templateRef metric must not fail for a template not yet listed.
+    template_cache.wait_synced(timeout=60)
     elector.start()
     log.info(
         "perch-analyzer started",
@@ -207,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elector.stop(release=True)
     scheduler.close()
     cache.stop()
+    template_cache.stop()
+    templates.close()
     notifications.close()
     http.shutdown()
     return 0

@@ -34,6 +34,7 @@ from analyzer.model import (
     SetWeights,
 )
 from analyzer.notify import Notifications, spec_context
+from analyzer.step import route_revision
 from perch.fields import applied_configuration, applier_of
 from perch.names import (
     ANNOTATION_ACTION,
@@ -105,7 +106,9 @@ class Actor:
                 case CommitStatus():
                     commit(ctx)
                 case SetWeights():
-                    self.set_weights(ctx, canary=action.canary)
+                    # The route's shape follows the status committed just before (the commit
+                    # protocol), so a route re-issued by a later tick has the same shape.
+                    self.set_weights(ctx, canary=action.canary, revision=route_revision(ctx.status))
                 case ScaleCanary():
                     self.scale_canary(ctx, replicas=action.replicas)
                 case PromoteTemplate():
@@ -134,13 +137,28 @@ class Actor:
                     context["weight"] = ctx.status.canary_weight
                     context["failed_checks"] = ctx.status.failed_checks
                     self.notifier.send(
-                        action.kind, action.message, alerts=ctx.spec.analysis.alerts, **context
+                        action.kind,
+                        action.message,
+                        alerts=ctx.spec.analysis.alerts,
+                        on_unresolved=self._alert_not_sent(ctx.canary),
+                        **context,
                     )
                 case ClearControl():
                     self.clear_control(ctx)
             faults.after(action, phase=ctx.status.phase)
 
-    def set_weights(self, ctx: TickContext, *, canary: int) -> None:
+    def _alert_not_sent(self, canary: dict[str, Any]) -> Callable[[str], None]:
+        """A Warning event on the Canary for an alert whose provider could not be used (called
+        from the notifications' thread, after the tick)."""
+
+        def record(message: str) -> None:
+            self.events.record(canary, reason="AlertNotSent", message=message, type_="Warning")
+
+        return record
+
+    def set_weights(self, ctx: TickContext, *, canary: int, revision: str = "") -> None:
+        """The route objects at `canary` percent; with `revision` (the canary revision under
+        analysis) also what the analysis adds, without it the plain weighted split."""
         target = RouteTarget(
             name=ctx.name,
             namespace=ctx.namespace,
@@ -148,7 +166,7 @@ class Actor:
         )
         router = router_for(ctx.spec.provider)
         refs = {(r.kind, r.name): r for r in router.refs(target, ctx.spec)}
-        for desired in router.build(target, ctx.spec, canary_weight=canary):
+        for desired in router.build(target, ctx.spec, canary_weight=canary, revision=revision):
             ref = refs[(desired["kind"], desired["metadata"]["name"])]
             res = Resource(ref.group, ref.version, ref.plural)
             existing = ctx.routes.pop(ref.name, None) or self.kube.get(res, ctx.namespace, ref.name)

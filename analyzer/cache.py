@@ -21,6 +21,13 @@ Deployments: every Deployment in the watched namespaces is watched (there is no 
 selector in the API) and only the relevant ones are kept: opted-in primaries and the canary copies
 Perch made (so the analyzer can read canary readiness from the cache too). A Deployment that stops
 being relevant (opt-out) is reported as DELETED.
+
+MetricTemplates (``kinds=("MetricTemplate",)``, a cache of their own in the analyzer, so that the
+scheduler's subscription sees only Canaries and Deployments) are read by the metric checks at each
+tick. Their CRD may be missing (Helm installs CRDs but never upgrades them, so an upgrade from a
+chart without it leaves it out) or the RBAC not yet updated: a 404 or 403 on the list counts as an
+empty, synced list, re-tried every ``backoff_max`` seconds, so that the analyzer still starts and a
+templateRef metric fails with "not found" rather than the whole cache waiting.
 """
 
 from __future__ import annotations
@@ -56,12 +63,16 @@ __all__ = [
     "is_relevant_deployment",
 ]
 
-Kind = Literal["Canary", "Deployment"]
+Kind = Literal["Canary", "Deployment", "MetricTemplate"]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 Listener = Callable[[Kind, EventType, dict[str, Any]], None]
 Key = tuple[str, str]  # (namespace, name)
 
 CANARY_VERSION: Final = "v1alpha1"
+METRIC_TEMPLATE_PLURAL: Final = "metrictemplates"
+DEFAULT_KINDS: Final[tuple[Kind, ...]] = ("Canary", "Deployment")
+# Kinds whose list may be refused (CRD not installed, RBAC not upgraded) without blocking the sync.
+_OPTIONAL_KINDS: Final[frozenset[Kind]] = frozenset({"MetricTemplate"})
 # client-go's reflector picks 5-10 minutes; the API server caps watches at about 30 minutes.
 DEFAULT_WATCH_TIMEOUT_SECONDS: Final = 300
 DEFAULT_PAGE_SIZE: Final = 500
@@ -75,6 +86,7 @@ _SHORT_WATCH_SECONDS: Final = 0.5
 _API_VERSIONS: Final[Mapping[Kind, str]] = {
     "Canary": f"{GROUP}/{CANARY_VERSION}",
     "Deployment": "apps/v1",
+    "MetricTemplate": f"{GROUP}/{CANARY_VERSION}",
 }
 
 log = logging.getLogger("perch.analyzer.cache")
@@ -147,7 +159,8 @@ class WatchCache:
     """The latest Canary objects and relevant Deployments, kept current by list+watch threads.
 
     Read from any thread. Objects handed out are copies: the tick code may edit what it reads
-    (to compute a patch) without corrupting the cache or the next diff.
+    (to compute a patch) without corrupting the cache or the next diff. ``kinds`` picks what is
+    watched (Canaries and Deployments by default; MetricTemplates in a cache of their own).
     """
 
     def __init__(
@@ -161,9 +174,15 @@ class WatchCache:
         page_size: int = DEFAULT_PAGE_SIZE,
         backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
+        kinds: Sequence[Kind] = DEFAULT_KINDS,
     ) -> None:
         if namespaces is not None and not namespaces:
             raise ValueError("namespaces: give at least one, or None for all namespaces")
+        if not kinds:
+            raise ValueError("kinds: give at least one kind to watch")
+        self.namespaces: tuple[str, ...] | None = (
+            tuple(namespaces) if namespaces is not None else None
+        )
         if watch_timeout_seconds < 1:
             raise ValueError("watch_timeout_seconds must be at least 1")
         self._keep_deployment = keep_deployment
@@ -175,41 +194,30 @@ class WatchCache:
 
         crs = client.CustomObjectsApi(api_client)
         apps = client.AppsV1Api(api_client)
+        custom_plural: Mapping[Kind, str] = {
+            "Canary": CANARY_PLURAL,
+            "MetricTemplate": METRIC_TEMPLATE_PLURAL,
+        }
         self._sources: list[_Source] = []
         for namespace in namespaces if namespaces is not None else [None]:
-            if namespace is None:
-                self._sources += [
-                    _Source(
-                        kind="Canary",
-                        namespace=None,
-                        call=crs.list_cluster_custom_object,
-                        args=(GROUP, CANARY_VERSION, CANARY_PLURAL),
-                    ),
-                    _Source(
-                        kind="Deployment",
-                        namespace=None,
-                        call=apps.list_deployment_for_all_namespaces,
-                        args=(),
-                    ),
-                ]
-            else:
-                self._sources += [
-                    _Source(
-                        kind="Canary",
-                        namespace=namespace,
-                        call=crs.list_namespaced_custom_object,
-                        args=(GROUP, CANARY_VERSION, namespace, CANARY_PLURAL),
-                    ),
-                    _Source(
-                        kind="Deployment",
-                        namespace=namespace,
-                        call=apps.list_namespaced_deployment,
-                        args=(namespace,),
-                    ),
-                ]
+            for kind in kinds:
+                call: Callable[..., Any]
+                args: tuple[str, ...]
+                if kind == "Deployment":
+                    if namespace is None:
+                        call, args = apps.list_deployment_for_all_namespaces, ()
+                    else:
+                        call, args = apps.list_namespaced_deployment, (namespace,)
+                elif namespace is None:
+                    call = crs.list_cluster_custom_object
+                    args = (GROUP, CANARY_VERSION, custom_plural[kind])
+                else:
+                    call = crs.list_namespaced_custom_object
+                    args = (GROUP, CANARY_VERSION, namespace, custom_plural[kind])
+                self._sources.append(_Source(kind=kind, namespace=namespace, call=call, args=args))
 
         self._lock = threading.Lock()
-        self._store: dict[Kind, dict[Key, dict[str, Any]]] = {"Canary": {}, "Deployment": {}}
+        self._store: dict[Kind, dict[Key, dict[str, Any]]] = {kind: {} for kind in kinds}
         self._listeners: list[Listener] = []
         self._calls = {"list": 0, "watch": 0}
         self._synced = threading.Event()
@@ -244,6 +252,10 @@ class WatchCache:
     def synced(self) -> bool:
         """True once every list+watch has completed its first list."""
         return self._synced.is_set()
+
+    def covers(self, namespace: str) -> bool:
+        """Whether objects of ``namespace`` are watched (all are, unless limited)."""
+        return self.namespaces is None or namespace in self.namespaces
 
     def alive(self) -> bool:
         """False once a list+watch thread has ended (after stop(), or on an error its loop did
@@ -317,6 +329,9 @@ class WatchCache:
                 if self._stopping.is_set():
                     break
                 source.rv = None
+                if source.kind in _OPTIONAL_KINDS and exc.status in (403, 404):
+                    self._unavailable(source, exc)
+                    continue
                 if exc.status == 410:
                     log.info("%s: resourceVersion expired; listing again", source.label)
                     # At once the first time; a server that answers 410 right after a fresh list
@@ -331,6 +346,19 @@ class WatchCache:
                 # Transport errors leave the resourceVersion valid: resume, do not re-list.
                 log.warning("%s: %s", source.label, describe_api_error(exc))
                 backoff.wait()
+
+    def _unavailable(self, source: _Source, exc: ApiException) -> None:
+        """An optional kind the API will not list (CRD missing, RBAC not granted): empty, synced,
+        and asked again after the longest backoff."""
+        if not source.synced or self._store[source.kind]:
+            log.warning(
+                "%s: %s; treated as none, asking again every %gs",
+                source.label,
+                describe_api_error(exc),
+                self._backoff_max,
+            )
+        self._replace(source, [])
+        self._stopping.wait(self._backoff_max)
 
     def _relist(self, source: _Source) -> str:
         items: list[dict[str, Any]] = []
@@ -408,7 +436,7 @@ class WatchCache:
     # --- the store ------------------------------------------------------------------------------
 
     def _keep(self, kind: Kind, obj: Mapping[str, Any]) -> bool:
-        return kind == "Canary" or self._keep_deployment(obj)
+        return kind != "Deployment" or self._keep_deployment(obj)
 
     def _replace(self, source: _Source, items: list[dict[str, Any]]) -> None:
         kind = source.kind

@@ -26,7 +26,7 @@ class MetricResult:
     # The measured value in the metric's unit (percent for success rate, ms for duration).
     value: float | None
     # Flagger's wording, e.g. "success rate 61.39% < 99%", "request duration 1.515s > 500ms",
-    # "no values found for metric request-success-rate", "Prometheus query failed: timeout".
+    # "no data for metric request-success-rate", "Prometheus query failed: timeout".
     message: str
 
 
@@ -72,6 +72,9 @@ class Observations:
     admitted: bool = True
     # How many canaries hold a slot (CanaryStatus.holds_slot), for the message when not admitted.
     progressing: int | None = None
+    # The route carries more than the weighted split: an A/B match rule, a mirror or session
+    # cookies (perch.routers Router.analysing); False when it is missing.
+    route_analysing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,10 @@ class Needs:
 
 @dataclass(frozen=True, slots=True)
 class SetWeights:
+    """Put the route at these weights, in the shape the committed status calls for: with what
+    the analysis adds (A/B match, mirror, session cookies) while analyzer.step.route_revision
+    names the revision under analysis, the plain weighted split otherwise."""
+
     primary: int
     canary: int
 

@@ -1,42 +1,37 @@
-"""Notifications: Slack incoming webhooks and a generic JSON webhook, sent in the background.
+"""Notifications: Slack, Microsoft Teams, Discord, Rocket.Chat, Google Chat and a generic JSON
+webhook, sent in the background.
 
 When: on start, each halt, each transition into Failed, and promotion (``NotificationKind``). Each
 kind has Flagger's severity: started and promoted are ``info``, halted is ``warn``, failed is
 ``error``; an alert of severity ``info`` gets every kind, ``warn`` gets halted and failed, ``error``
-gets failed only (Flagger's rule).
+gets failed only (Flagger's documented rule).
 
 Where:
 
 - The analyzer's settings (chart values, as environment variables): ``PERCH_SLACK_URL`` (with
   optional ``PERCH_SLACK_CHANNEL`` and ``PERCH_SLACK_USERNAME``) and ``PERCH_NOTIFY_URL`` (the
-  generic JSON webhook). These get every kind.
-- The spec's ``analysis.alerts``. Flagger resolves an alert's ``providerRef`` to an AlertProvider
-  object; Perch has no such object, so ``providerRef.name`` (or ``namespace/name`` when the ref has
-  a namespace) is looked up in ``PERCH_ALERT_PROVIDERS``, a JSON object from the settings::
+  generic JSON webhook). These get every kind, for the canaries that list no alerts.
+- The spec's ``analysis.alerts``: each ``providerRef`` names an AlertProvider object
+  (``perch.dev/v1alpha1``) in the ref's namespace, or the canary's. A :class:`ProviderResolver`
+  (analyzer.alerts: GETs through a small TTL cache) reads it and the Secret holding its address.
+  A name no AlertProvider has may be one of the settings' ``PERCH_ALERT_PROVIDERS``, a JSON object
+  ``{"on-call": {"type": "slack", "url": "https://hooks.slack.com/...", "channel": "#on-call"}}``
+  (keyed ``name`` or ``namespace/name``). As in Flagger, a canary that lists alerts is notified
+  through them only.
 
-      {"on-call": {"type": "slack", "url": "https://hooks.slack.com/...", "channel": "#on-call"},
-       "audit": {"type": "generic", "url": "https://audit.example/perch"}}
+A provider that is missing or unusable (its Secret unreadable, no ``address`` key, an invalid type
+or URL) costs that alert's notification: it is dropped, and ``on_unresolved`` (the analyzer records
+a Warning event on the Canary) is told which, at most once per ``warn_every`` seconds for the same
+canary, alert and reason.
 
-  As in Flagger, a canary that lists alerts is notified through them only; the settings'
-  notifiers serve the canaries that list none. An unknown provider name is logged and skipped.
+Never in the way of a rollout: :meth:`Notifications.send` only queues and returns. Resolving
+providers (API calls) happens on a thread of its own; each destination has a bounded queue and one
+daemon thread; a full queue drops its oldest message (counted and logged); each POST is bounded by
+the notifier's timeout; failures are logged as JSON lines and counted, never raised. Notifier URLs
+and proxies carry secrets (a Slack webhook URL is a credential), so logs and events name a notifier
+by its label and never print its URL.
 
-Webhook ``muteAlert`` (Flagger mutes the alert sent when that webhook fails) is not honoured here:
-a notification carries no notion of which gate caused it. step() may drop a halt caused only by
-muted gates before asking for a notification.
-
-Never in the way of a rollout: :meth:`Notifications.send` only queues and returns. Each destination
-has a bounded queue and one daemon thread; a full queue drops its oldest message (counted and
-logged); each POST is bounded by the notifier's timeout; failures are logged as JSON lines and
-counted, never raised. Notifier URLs carry secrets (a Slack webhook URL is a credential), so logs
-name a notifier by its label and never print its URL.
-
-Generic JSON webhook payload (``POST``, ``Content-Type: application/json``), every key always
-present, ``null`` when unknown::
-
-    {"kind": "failed", "severity": "error", "canary": "podinfo", "namespace": "test",
-     "revision": "v1-3f9c2a...", "phase": "Failed",
-     "message": "Rolling back podinfo.test failed checks threshold reached 10",
-     "weight": 0, "failedChecks": 10, "timestamp": "2024-05-01T12:00:00.000Z"}
+The payloads are in :mod:`analyzer.payloads`.
 """
 
 from __future__ import annotations
@@ -50,7 +45,18 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, NotRequired, Protocol, TypedDict, Unpack, cast, get_args
+from typing import (
+    Any,
+    Final,
+    Generic,
+    NotRequired,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    cast,
+    get_args,
+)
 from urllib.parse import urlsplit
 
 import requests
@@ -58,24 +64,40 @@ from urllib3.util import Timeout
 
 from analyzer.gates import root_cause
 from analyzer.model import NotificationKind
+from analyzer.payloads import (
+    KIND_SEVERITY,
+    PROVIDER_TYPES,
+    GenericPayload,
+    Notification,
+    NotificationContext,
+    SlackPayload,
+    discord_payload,
+    gchat_payload,
+    generic_payload,
+    msteams_payload,
+    rocket_payload,
+    slack_payload,
+)
 from perch.spec import Alert, Analysis, CanarySpec, Severity
-from perch.status import Phase
 
 __all__ = [
     "KIND_SEVERITY",
     "NOTIFIER_TYPES",
+    "ChatNotifier",
     "DeliveryStats",
     "GenericPayload",
-    "GenericWebhookNotifier",
     "Notification",
     "NotificationContext",
     "Notifications",
     "Notifier",
     "NotifyError",
     "ProviderConfig",
+    "ProviderResolver",
+    "ProviderUnavailable",
     "Route",
-    "SlackNotifier",
     "SlackPayload",
+    "Unresolved",
+    "check_url",
     "generic_payload",
     "kinds_for",
     "notifier_for",
@@ -91,12 +113,6 @@ __all__ = [
 _log = logging.getLogger("perch.analyzer.notify")
 
 KINDS: Final[tuple[NotificationKind, ...]] = get_args(NotificationKind)
-KIND_SEVERITY: Final[Mapping[NotificationKind, Severity]] = {
-    "started": "info",
-    "halted": "warn",
-    "failed": "error",
-    "promoted": "info",
-}
 _SEVERITY_KINDS: Final[Mapping[Severity, frozenset[NotificationKind]]] = {
     "info": frozenset(KINDS),
     "warn": frozenset({"halted", "failed"}),
@@ -104,6 +120,8 @@ _SEVERITY_KINDS: Final[Mapping[Severity, frozenset[NotificationKind]]] = {
 }
 DEFAULT_TIMEOUT_SECONDS: Final = 5.0
 DEFAULT_QUEUE_SIZE: Final = 100
+# The same canary, alert and reason is reported (event, log) at most this often.
+DEFAULT_WARN_EVERY_SECONDS: Final = 300.0
 
 
 def kinds_for(severity: Severity) -> frozenset[NotificationKind]:
@@ -111,45 +129,6 @@ def kinds_for(severity: Severity) -> frozenset[NotificationKind]:
 
 
 # --- what is sent ------------------------------------------------------------------------------
-
-
-class NotificationContext(TypedDict, total=False):
-    """What the caller knows about the canary; every key is optional."""
-
-    canary: str
-    namespace: str
-    revision: str
-    phase: Phase
-    weight: int
-    failed_checks: int
-    threshold: int
-    progress_deadline_seconds: int
-    traffic_routing: str
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    kind: NotificationKind
-    message: str
-    # Taken when send() is called, not when a worker gets to it: a queue may be slow.
-    timestamp: datetime
-    canary: str = ""
-    namespace: str = ""
-    revision: str | None = None
-    phase: Phase | None = None
-    weight: int | None = None
-    failed_checks: int | None = None
-    threshold: int | None = None
-    progress_deadline_seconds: int | None = None
-    traffic_routing: str | None = None
-
-    @property
-    def severity(self) -> Severity:
-        return KIND_SEVERITY[self.kind]
-
-    @property
-    def title(self) -> str:
-        return f"{self.canary}.{self.namespace}"
 
 
 def traffic_routing(analysis: Analysis) -> str:
@@ -176,135 +155,6 @@ def spec_context(spec: CanarySpec) -> NotificationContext:
     }
 
 
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class GenericPayload(TypedDict):
-    kind: NotificationKind
-    severity: Severity
-    canary: str
-    namespace: str
-    revision: str | None
-    phase: str | None
-    message: str
-    weight: int | None
-    failedChecks: int | None
-    timestamp: str
-
-
-def generic_payload(notification: Notification) -> GenericPayload:
-    return {
-        "kind": notification.kind,
-        "severity": notification.severity,
-        "canary": notification.canary,
-        "namespace": notification.namespace,
-        "revision": notification.revision,
-        "phase": notification.phase,
-        "message": notification.message,
-        "weight": notification.weight,
-        "failedChecks": notification.failed_checks,
-        "timestamp": _timestamp(notification.timestamp),
-    }
-
-
-class SlackField(TypedDict):
-    title: str
-    value: str
-    short: bool
-
-
-class SlackAttachment(TypedDict):
-    color: str
-    fallback: str
-    title: str
-    text: str
-    mrkdwn_in: list[str]
-    fields: list[SlackField]
-    footer: str
-    ts: int
-
-
-class SlackPayload(TypedDict):
-    username: str
-    icon_emoji: str
-    text: str
-    attachments: list[SlackAttachment]
-    channel: NotRequired[str]
-
-
-_SLACK_COLORS: Final[Mapping[NotificationKind, str]] = {
-    "started": "#439FE0",
-    "halted": "warning",
-    "failed": "danger",
-    "promoted": "good",
-}
-_SLACK_HEADLINES: Final[Mapping[NotificationKind, str]] = {
-    "started": "canary analysis started",
-    "halted": "canary advancement halted",
-    "failed": "canary analysis failed, rolled back",
-    "promoted": "canary promoted",
-}
-
-
-def _slack_escape(text: str) -> str:
-    # Slack reads <...> as links and mentions: "success rate 61.39% < 99%" would lose its tail.
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def slack_payload(
-    notification: Notification, *, channel: str | None = None, username: str = "perch"
-) -> SlackPayload:
-    """Flagger's layout: one attachment titled ``podinfo.test``, colored by kind, with fields."""
-    n = notification
-    fields: list[SlackField] = [
-        {"title": "Target", "value": f"Deployment/{n.canary}.{n.namespace}", "short": True}
-    ]
-    if n.revision:
-        fields.append({"title": "Revision", "value": n.revision, "short": True})
-    if n.weight is not None:
-        fields.append({"title": "Canary weight", "value": f"{n.weight}%", "short": True})
-    if n.failed_checks is not None:
-        fields.append({"title": "Failed checks", "value": str(n.failed_checks), "short": True})
-    if n.threshold is not None:
-        fields.append(
-            {"title": "Failed checks threshold", "value": str(n.threshold), "short": True}
-        )
-    if n.progress_deadline_seconds is not None:
-        fields.append(
-            {
-                "title": "Progress deadline",
-                "value": f"{n.progress_deadline_seconds}s",
-                "short": True,
-            }
-        )
-    if n.traffic_routing:
-        fields.append({"title": "Traffic routing", "value": n.traffic_routing, "short": False})
-    for item in fields:
-        item["value"] = _slack_escape(item["value"])
-    payload: SlackPayload = {
-        "username": username,
-        "icon_emoji": ":bird:",
-        # The top-level text is what a phone notification shows.
-        "text": _slack_escape(f"{n.title}: {_SLACK_HEADLINES[n.kind]}"),
-        "attachments": [
-            {
-                "color": _SLACK_COLORS[n.kind],
-                "fallback": _slack_escape(f"{n.title}: {n.message}"),
-                "title": _slack_escape(n.title),
-                "text": _slack_escape(n.message),
-                "mrkdwn_in": ["text"],
-                "fields": fields,
-                "footer": "perch",
-                "ts": int(n.timestamp.timestamp()),
-            }
-        ],
-    }
-    if channel:
-        payload["channel"] = channel
-    return payload
-
-
 # --- notifiers ----------------------------------------------------------------------------------
 
 
@@ -328,7 +178,14 @@ class Notifier(Protocol):
         ...
 
 
-def _post_json(url: str, payload: object, *, session: requests.Session, timeout: float) -> None:
+def _post_json(
+    url: str,
+    payload: object,
+    *,
+    session: requests.Session,
+    timeout: float,
+    proxy: str | None = None,
+) -> None:
     try:
         response = session.post(
             url,
@@ -336,11 +193,14 @@ def _post_json(url: str, payload: object, *, session: requests.Session, timeout:
             headers={"Content-Type": "application/json"},
             # As in gates: urllib3's Timeout bounds connect + read together; the stubs lack it.
             timeout=cast(Any, Timeout(connect=timeout, read=timeout, total=timeout)),
+            # Given explicitly, the provider's proxy wins over HTTP(S)_PROXY and NO_PROXY.
+            proxies={"http": proxy, "https": proxy} if proxy else None,
         )
     except requests.exceptions.Timeout:
         raise NotifyError(f"no answer within {timeout:g}s") from None
     except requests.exceptions.RequestException as exc:
-        # requests' own message quotes the URL's path, which holds the Slack token.
+        # requests' own message quotes the URL's path, which holds the Slack token (and a proxy
+        # URL may hold a password).
         raise NotifyError(f"{type(exc).__name__}: {_root_reason(exc)}") from None
     with response:
         if not 200 <= response.status_code < 300:
@@ -358,74 +218,97 @@ def _root_reason(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class SlackNotifier:
-    """Posts to a Slack incoming webhook (Slack-compatible receivers work too)."""
+class ChatNotifier:
+    """Posts a notification to one service's incoming webhook, in the body that service documents
+    (analyzer/payloads.py). ``type`` is an AlertProvider type: slack (and Slack-compatible
+    receivers), msteams, discord (an address ending in ``/slack`` gets the Slack body, as Discord
+    takes it there), rocket, gchat or generic. ``channel`` and ``username`` go where the service
+    has them (slack, rocket; username also discord)."""
 
-    webhook_url: str
+    type: str
+    url: str
     channel: str | None = None
     username: str = "perch"
     timeout: float = DEFAULT_TIMEOUT_SECONDS
-    label: str = "slack"
+    label: str = ""
+    proxy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in PROVIDER_TYPES:
+            known = ", ".join(sorted(PROVIDER_TYPES))
+            raise ValueError(f"unknown notifier type {self.type!r} (known: {known})")
+        if not self.label:
+            object.__setattr__(self, "label", self.type)
 
     @property
     def key(self) -> str:
-        return f"slack {self.webhook_url} {self.channel or ''} {self.username}"
-
-    def post(self, notification: Notification, *, session: requests.Session) -> None:
-        payload = slack_payload(notification, channel=self.channel, username=self.username)
-        _post_json(self.webhook_url, payload, session=session, timeout=self.timeout)
-
-
-@dataclass(frozen=True, slots=True)
-class GenericWebhookNotifier:
-    """Posts :class:`GenericPayload` as JSON; any 2xx is success."""
-
-    url: str
-    timeout: float = DEFAULT_TIMEOUT_SECONDS
-    label: str = "generic"
+        return f"{self.type} {self.url} {self.channel or ''} {self.username} {self.proxy or ''}"
 
     @property
-    def key(self) -> str:
-        return f"generic {self.url}"
+    def slack_compatible(self) -> bool:
+        return self.type == "slack" or (
+            self.type == "discord" and urlsplit(self.url).path.rstrip("/").endswith("/slack")
+        )
+
+    def payload(self, notification: Notification) -> object:
+        if self.slack_compatible:
+            channel = self.channel if self.type == "slack" else None
+            return slack_payload(notification, channel=channel, username=self.username)
+        if self.type == "discord":
+            return discord_payload(notification, username=self.username)
+        if self.type == "rocket":
+            return rocket_payload(notification, channel=self.channel, username=self.username)
+        if self.type == "msteams":
+            return msteams_payload(notification)
+        if self.type == "gchat":
+            return gchat_payload(notification)
+        return generic_payload(notification)
 
     def post(self, notification: Notification, *, session: requests.Session) -> None:
-        _post_json(self.url, generic_payload(notification), session=session, timeout=self.timeout)
+        _post_json(
+            self.url,
+            self.payload(notification),
+            session=session,
+            timeout=self.timeout,
+            proxy=self.proxy,
+        )
 
 
 class ProviderConfig(TypedDict):
-    """One entry of PERCH_ALERT_PROVIDERS."""
+    """One provider: an AlertProvider object as read, or an entry of PERCH_ALERT_PROVIDERS."""
 
     type: str
     url: str
     channel: NotRequired[str]
     username: NotRequired[str]
+    proxy: NotRequired[str]
     timeout: NotRequired[float]
 
 
 NotifierFactory = Callable[[ProviderConfig, str], Notifier]
 
 
-def _slack_from(config: ProviderConfig, label: str) -> Notifier:
-    return SlackNotifier(
+# The services whose body has a channel, and those with a username: the others ignore them.
+_CHANNEL_TYPES: Final = frozenset({"slack", "rocket"})
+_USERNAME_TYPES: Final = frozenset({"slack", "rocket", "discord"})
+
+
+def _chat_from(config: ProviderConfig, label: str) -> Notifier:
+    kind = config["type"]
+    return ChatNotifier(
+        kind,
         config["url"],
-        channel=config.get("channel"),
-        username=config.get("username", "perch"),
+        channel=config.get("channel") if kind in _CHANNEL_TYPES else None,
+        username=config.get("username", "perch") if kind in _USERNAME_TYPES else "perch",
         timeout=config.get("timeout", DEFAULT_TIMEOUT_SECONDS),
         label=label,
+        proxy=config.get("proxy"),
     )
 
 
-def _generic_from(config: ProviderConfig, label: str) -> Notifier:
-    return GenericWebhookNotifier(
-        config["url"], timeout=config.get("timeout", DEFAULT_TIMEOUT_SECONDS), label=label
-    )
-
-
-# Notifier implementations by provider type; register_notifier adds one (e.g. msteams).
-NOTIFIER_TYPES: Final[dict[str, NotifierFactory]] = {
-    "slack": _slack_from,
-    "generic": _generic_from,
-}
+# Notifier implementations by provider type (Flagger's AlertProvider types, and generic);
+# register_notifier adds one.
+NOTIFIER_TYPES: Final[dict[str, NotifierFactory]] = dict.fromkeys(PROVIDER_TYPES, _chat_from)
 
 
 def register_notifier(type_name: str, factory: NotifierFactory) -> None:
@@ -451,7 +334,8 @@ class Route:
     kinds: frozenset[NotificationKind] = frozenset(KINDS)
 
 
-def _check_url(url: str, *, where: str) -> str:
+def check_url(url: str, *, where: str) -> str:
+    """``url`` if it is an http(s) URL with a host; the ValueError never echoes it."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         # The URL itself is not echoed: it may be a credential.
@@ -464,8 +348,9 @@ def notifiers_from_settings(env: Mapping[str, str]) -> tuple[Route, ...]:
     routes: list[Route] = []
     slack_url = env.get("PERCH_SLACK_URL", "").strip()
     if slack_url:
-        notifier = SlackNotifier(
-            _check_url(slack_url, where="PERCH_SLACK_URL"),
+        notifier = ChatNotifier(
+            "slack",
+            check_url(slack_url, where="PERCH_SLACK_URL"),
             channel=env.get("PERCH_SLACK_CHANNEL", "").strip() or None,
             username=env.get("PERCH_SLACK_USERNAME", "").strip() or "perch",
         )
@@ -473,7 +358,7 @@ def notifiers_from_settings(env: Mapping[str, str]) -> tuple[Route, ...]:
     generic_url = env.get("PERCH_NOTIFY_URL", "").strip()
     if generic_url:
         routes.append(
-            Route(GenericWebhookNotifier(_check_url(generic_url, where="PERCH_NOTIFY_URL")))
+            Route(ChatNotifier("generic", check_url(generic_url, where="PERCH_NOTIFY_URL")))
         )
     return tuple(routes)
 
@@ -500,8 +385,8 @@ def providers_from_settings(env: Mapping[str, str]) -> dict[str, ProviderConfig]
             raise ValueError(f"{where}.type must be one of {known}")
         if not isinstance(url, str):
             raise ValueError(f"{where}.url must be a string")
-        config: ProviderConfig = {"type": kind, "url": _check_url(url, where=f"{where}.url")}
-        for key in ("channel", "username"):
+        config: ProviderConfig = {"type": kind, "url": check_url(url, where=f"{where}.url")}
+        for key in ("channel", "username", "proxy"):
             value = entry.get(key)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{where}.{key} must be a string")
@@ -509,6 +394,8 @@ def providers_from_settings(env: Mapping[str, str]) -> dict[str, ProviderConfig]
             config["channel"] = entry["channel"]
         if isinstance(entry.get("username"), str):
             config["username"] = entry["username"]
+        if entry.get("proxy"):
+            config["proxy"] = check_url(entry["proxy"], where=f"{where}.proxy")
         timeout = entry.get("timeout")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
@@ -518,22 +405,30 @@ def providers_from_settings(env: Mapping[str, str]) -> dict[str, ProviderConfig]
     return providers
 
 
+def _settings_provider(
+    alert: Alert, providers: Mapping[str, ProviderConfig]
+) -> tuple[str, ProviderConfig | None]:
+    ref = alert.provider_ref
+    candidates = ([f"{ref.namespace}/{ref.name}"] if ref.namespace else []) + [ref.name]
+    config = next((providers[key] for key in candidates if key in providers), None)
+    return candidates[0], config
+
+
 def notifiers_for_alerts(
     alerts: Sequence[Alert], providers: Mapping[str, ProviderConfig]
 ) -> tuple[Route, ...]:
-    """The spec's alerts resolved through the settings' providers; unknown names are skipped."""
+    """The spec's alerts resolved through the settings' providers only; unknown names are logged
+    and skipped. (With AlertProvider objects, :class:`Notifications` resolves on its thread.)"""
     routes: list[Route] = []
     for alert in alerts:
-        ref = alert.provider_ref
-        candidates = ([f"{ref.namespace}/{ref.name}"] if ref.namespace else []) + [ref.name]
-        config = next((providers[key] for key in candidates if key in providers), None)
+        where, config = _settings_provider(alert, providers)
         if config is None:
             _log_event(
                 "alert provider not configured",
                 level=logging.WARNING,
                 alert=alert.name,
-                provider=candidates[0],
-                hint="add it to PERCH_ALERT_PROVIDERS",
+                provider=where,
+                hint="create the AlertProvider, or add it to PERCH_ALERT_PROVIDERS",
             )
             continue
         try:
@@ -543,6 +438,26 @@ def notifiers_for_alerts(
             continue
         routes.append(Route(notifier, kinds_for(alert.severity)))
     return tuple(routes)
+
+
+# --- AlertProvider objects ---------------------------------------------------------------------
+
+
+class ProviderUnavailable(Exception):
+    """An AlertProvider exists but cannot be used; the message says which object and why (never
+    the address)."""
+
+
+class ProviderResolver(Protocol):
+    def resolve(self, name: str, *, namespace: str) -> ProviderConfig | None:
+        """The AlertProvider ``namespace/name`` as a provider; None when there is none. Raises
+        ProviderUnavailable when it, or the Secret holding its address, cannot be used."""
+        ...
+
+
+# Told "Alert on-call not sent: AlertProvider test/on-call not found" when an alert cannot be
+# delivered; the analyzer records it as a Warning event on the Canary.
+Unresolved = Callable[[str], None]
 
 
 # --- delivery -----------------------------------------------------------------------------------
@@ -555,14 +470,31 @@ class DeliveryStats:
     dropped: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    notifier: Notifier
+    notification: Notification
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolution:
+    alerts: tuple[Alert, ...]
+    notification: Notification
+    on_unresolved: Unresolved | None
+
+
+Item = TypeVar("Item", _Delivery, _Resolution)
+
+
 @dataclass(slots=True)
-class _Worker:
-    """One destination: a bounded queue drained by one daemon thread."""
+class _Worker(Generic[Item]):
+    """A bounded queue drained by one daemon thread: one destination, or the provider lookups."""
 
     label: str
     capacity: int
+    handle: Callable[[Item, requests.Session], None]
     stats: DeliveryStats = field(default_factory=DeliveryStats)
-    _queue: deque[tuple[Notifier, Notification]] = field(default_factory=deque)
+    _queue: deque[Item] = field(default_factory=deque)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _busy: bool = False
     _closed: bool = False
@@ -574,14 +506,14 @@ class _Worker:
         )
         self._thread.start()
 
-    def put(self, notifier: Notifier, notification: Notification) -> None:
+    def put(self, item: Item) -> None:
         with self._cond:
             if self._closed:
                 self.stats.dropped += 1
                 return
             if len(self._queue) >= self.capacity:
                 # The newest news matters most: a halt from a minute ago is stale.
-                _, oldest = self._queue.popleft()
+                oldest = self._queue.popleft().notification
                 self.stats.dropped += 1
                 _log_event(
                     "notification dropped: queue full",
@@ -591,7 +523,7 @@ class _Worker:
                     canary=oldest.title,
                     dropped=self.stats.dropped,
                 )
-            self._queue.append((notifier, notification))
+            self._queue.append(item)
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -602,10 +534,10 @@ class _Worker:
                         self._cond.wait()
                     if not self._queue:
                         return
-                    notifier, notification = self._queue.popleft()
+                    item = self._queue.popleft()
                     self._busy = True
                 try:
-                    notifier.post(notification, session=session)
+                    self.handle(item, session)
                 except Exception as exc:  # a broken notifier must not end the thread
                     with self._cond:
                         self.stats.failed += 1
@@ -614,8 +546,8 @@ class _Worker:
                         "notification failed",
                         level=logging.WARNING,
                         notifier=self.label,
-                        kind=notification.kind,
-                        canary=notification.title,
+                        kind=item.notification.kind,
+                        canary=item.notification.title,
                         error=str(exc) if isinstance(exc, NotifyError) else repr(exc),
                         failed=failed,
                     )
@@ -640,6 +572,10 @@ class _Worker:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def _deliver(item: _Delivery, session: requests.Session) -> None:
+    item.notifier.post(item.notification, session=session)
 
 
 _CONTEXT_KEYS: Final = frozenset(NotificationContext.__annotations__)
@@ -670,18 +606,28 @@ class Notifications:
         routes: Sequence[Route] = (),
         *,
         providers: Mapping[str, ProviderConfig] | None = None,
+        resolver: ProviderResolver | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         clock: Callable[[], datetime] = _utcnow,
+        warn_every: float = DEFAULT_WARN_EVERY_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         self._routes = tuple(routes)
         self._providers = dict(providers or {})
+        self._resolver = resolver
         self._queue_size = queue_size
         self._clock = clock
-        self._workers: dict[str, _Worker] = {}
+        self._warn_every = warn_every
+        self._monotonic = monotonic
+        self._warned: dict[tuple[str, str, str, str], float] = {}
+        self._workers: dict[str, _Worker[_Delivery]] = {}
+        self._resolving: _Worker[_Resolution] | None = None
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # send() takes nothing more
+        self._stopped = False  # the queues have drained (or had their chance): no new workers
+        self.unresolved = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **kwargs: Any) -> Notifications:
@@ -694,38 +640,120 @@ class Notifications:
         /,
         *,
         alerts: Sequence[Alert] = (),
+        on_unresolved: Unresolved | None = None,
         **context: Unpack[NotificationContext],
     ) -> None:
         """Queue one notification for every notifier that takes ``kind``; returns at once.
 
         ``alerts`` are the canary's ``analysis.alerts``: when there are any they replace the
-        settings' notifiers for this canary (Flagger). Context keys are also accepted in the wire
-        spelling (``failedChecks``); an unknown key is logged and ignored, never fatal.
+        settings' notifiers for this canary (Flagger), and their providers are looked up on the
+        lookup thread; ``on_unresolved`` hears of each alert that cannot be delivered. Context keys
+        are also accepted in the wire spelling (``failedChecks``); an unknown key is logged and
+        ignored, never fatal.
         """
+        if self._closed:
+            return
         try:
             notification = Notification(
                 kind=kind, message=message, timestamp=self._clock(), **_known(context)
             )
-            routes = notifiers_for_alerts(alerts, self._providers) if alerts else self._routes
-            seen: set[str] = set()
-            for route in routes:
-                key = route.notifier.key
-                if kind not in route.kinds or key in seen:
-                    continue
-                seen.add(key)
-                worker = self._worker(key, route.notifier.label)
-                if worker is not None:
-                    worker.put(route.notifier, notification)
+            if not alerts:
+                self._fan_out(self._routes, notification)
+                return
+            wanted = tuple(a for a in alerts if kind in kinds_for(a.severity))
+            if not wanted:
+                return
+            worker = self._resolver_worker()
+            if worker is not None:
+                worker.put(_Resolution(wanted, notification, on_unresolved))
         except Exception as exc:  # a notification must never cost the tick
             _log_event("notification not queued", level=logging.ERROR, kind=kind, error=repr(exc))
 
-    def _worker(self, key: str, label: str) -> _Worker | None:
+    def _fan_out(self, routes: Sequence[Route], notification: Notification) -> None:
+        seen: set[str] = set()
+        for route in routes:
+            key = route.notifier.key
+            if notification.kind not in route.kinds or key in seen:
+                continue
+            seen.add(key)
+            worker = self._worker(key, route.notifier.label)
+            if worker is not None:
+                worker.put(_Delivery(route.notifier, notification))
+
+    # --- the lookup thread ----------------------------------------------------------------------
+
+    def _resolve(self, job: _Resolution, session: requests.Session) -> None:
+        del session  # lookups go through the resolver's own client
+        routes: list[Route] = []
+        for alert in job.alerts:
+            notifier = self._notifier_for(alert, job)
+            if notifier is not None:
+                routes.append(Route(notifier, kinds_for(alert.severity)))
+        self._fan_out(routes, job.notification)
+
+    def _notifier_for(self, alert: Alert, job: _Resolution) -> Notifier | None:
+        ref = alert.provider_ref
+        namespace = ref.namespace or job.notification.namespace
+        where = f"AlertProvider {namespace}/{ref.name}"
+        config: ProviderConfig | None = None
+        if self._resolver is not None:
+            try:
+                config = self._resolver.resolve(ref.name, namespace=namespace)
+            except ProviderUnavailable as exc:
+                self._unresolved(alert, job, str(exc))
+                return None
+            except Exception as exc:  # a broken resolver costs the alert, never the thread
+                self._unresolved(alert, job, f"{where} could not be read: {type(exc).__name__}")
+                return None
+        if config is None:
+            config = _settings_provider(alert, self._providers)[1]
+        if config is None:
+            self._unresolved(alert, job, f"{where} not found")
+            return None
+        try:
+            return notifier_for(config, label=f"alert {alert.name}")
+        except ValueError as exc:
+            self._unresolved(alert, job, f"{where} is invalid: {exc}")
+            return None
+
+    def _unresolved(self, alert: Alert, job: _Resolution, reason: str) -> None:
+        self.unresolved += 1
+        n = job.notification
+        key = (n.namespace, n.canary, alert.name, reason)
+        now = self._monotonic()
+        last = self._warned.get(key)
+        if last is not None and now - last < self._warn_every:
+            return
+        self._warned[key] = now
+        message = f"Alert {alert.name} not sent: {reason}"
+        if job.on_unresolved is not None:
+            try:
+                job.on_unresolved(message)
+                return
+            except Exception as exc:
+                _log_event("alert warning not recorded", level=logging.WARNING, error=repr(exc))
+        _log_event(message, level=logging.WARNING, alert=alert.name, canary=n.title, kind=n.kind)
+
+    # --- workers --------------------------------------------------------------------------------
+
+    def _resolver_worker(self) -> _Worker[_Resolution] | None:
         with self._lock:
             if self._closed:
                 return None
+            if self._resolving is None:
+                self._resolving = _Worker(
+                    label="alert-providers", capacity=self._queue_size, handle=self._resolve
+                )
+                self._resolving.start()
+            return self._resolving
+
+    def _worker(self, key: str, label: str) -> _Worker[_Delivery] | None:
+        with self._lock:
+            if self._stopped:
+                return None
             worker = self._workers.get(key)
             if worker is None:
-                worker = _Worker(label=label, capacity=self._queue_size)
+                worker = _Worker(label=label, capacity=self._queue_size, handle=_deliver)
                 worker.start()
                 self._workers[key] = worker
             return worker
@@ -733,6 +761,11 @@ class Notifications:
     def flush(self, timeout: float) -> bool:
         """Wait until every queue is empty and no POST is in flight; False when time ran out."""
         deadline = time.monotonic() + timeout
+        with self._lock:
+            resolving = self._resolving
+        # Lookups first: they queue deliveries.
+        if resolving is not None and not resolving.wait_idle(deadline):
+            return False
         with self._lock:
             workers = list(self._workers.values())
         # One shared deadline: once a worker runs out of it, the others would too.
@@ -744,7 +777,10 @@ class Notifications:
             self._closed = True
         drained = self.flush(timeout)
         with self._lock:
-            workers = list(self._workers.values())
+            self._stopped = True
+            workers: list[_Worker[Any]] = list(self._workers.values())
+            if self._resolving is not None:
+                workers.append(self._resolving)
         for worker in workers:
             worker.close()
         return drained

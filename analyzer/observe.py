@@ -73,3 +73,13 @@ def route_weights(
         if weights is not None:
             return weights
     return None
+
+
+def route_analysing(
+    routes: list[Mapping[str, Any]], *, name: str, namespace: str, spec: CanarySpec
+) -> bool:
+    """Whether a route object carries more than the weighted split (an A/B match rule, a mirror,
+    session cookies): what the analyzer compares with what the status calls for."""
+    target = RouteTarget(name=name, namespace=namespace)
+    router = router_for(spec.provider)
+    return any(router.analysing(route, target, spec) for route in routes)

@@ -25,9 +25,10 @@ from analyzer.gates import post_event, run_gates
 from analyzer.metrics.judge import judge
 from analyzer.metrics.prometheus import Measurement, PrometheusProvider
 from analyzer.metrics.queries import query_set_for
+from analyzer.metrics.resolver import TemplateResolver
 from analyzer.model import Event, GateResult, MetricResult, Observations
 from analyzer.notify import Notifications
-from analyzer.observe import control_action, route_weights, workload
+from analyzer.observe import control_action, route_analysing, route_weights, workload
 from analyzer.step import needs, step
 from analyzer.telemetry import Telemetry
 from perch.names import (
@@ -104,10 +105,22 @@ class MetricBatcher:
     same window through :meth:`PrometheusProvider.compare` (one query for a builtin); with a
     thresholdRange too, both are judged and :meth:`combine` makes them one result, so that step()
     still sees one result per metric name.
+
+    A ``templateRef`` metric is resolved first (``templates``, analyzer.metrics.resolver): its
+    MetricTemplate's query is sent to the template's server (its own provider, with the Secret's
+    credentials); a template that cannot be used is that metric's failed result. Without
+    ``templates`` every templateRef metric fails, saying so.
     """
 
-    def __init__(self, provider: PrometheusProvider, *, canaries: Callable[[str], list[str]]):
+    def __init__(
+        self,
+        provider: PrometheusProvider,
+        *,
+        canaries: Callable[[str], list[str]],
+        templates: TemplateResolver | None = None,
+    ):
         self.provider = provider
+        self.templates = templates
         self._canaries = canaries
         self._lock = threading.Lock()
         self._measured: dict[tuple[Any, ...], tuple[float, dict[str, Measurement]]] = {}
@@ -130,9 +143,24 @@ class MetricBatcher:
         which holds answers about "now".
         """
         query_set = query_set_for(spec.provider)
+        provider, template = self.provider, None
+        if metric.template_ref is not None:
+            if self.templates is None:
+                return MetricResult(
+                    name=metric.name,
+                    outcome="error",
+                    value=None,
+                    message=f"metric {metric.name}: this analyzer reads no MetricTemplates",
+                )
+            resolved = self.templates.resolve(namespace, metric)
+            if isinstance(resolved, MetricResult):
+                return resolved
+            provider, template = resolved.provider, resolved.template.query
         absolute: MetricResult | None = None
         if metric.threshold_range.has_bounds:
-            absolute = self._absolute(namespace, spec, metric, target=target, at=at)
+            absolute = self._absolute(
+                namespace, spec, metric, target=target, at=at, provider=provider, template=template
+            )
         if metric.primary is None:
             if absolute is None:
                 # The spec refuses such a metric; never read "nothing to judge" as a pass.
@@ -143,7 +171,7 @@ class MetricBatcher:
                     message=f"metric {metric.name} has neither thresholdRange nor primary",
                 )
             return absolute
-        relative = self.provider.compare(
+        relative = provider.compare(
             namespace,
             metric,
             canary=target,
@@ -152,6 +180,7 @@ class MetricBatcher:
             max_ratio=metric.primary.max_ratio,
             at=at,
             query_set=query_set,
+            template=template,
         )
         return relative if absolute is None else self.combine(absolute, relative)
 
@@ -163,11 +192,15 @@ class MetricBatcher:
         *,
         target: str,
         at: datetime | None,
+        provider: PrometheusProvider | None = None,
+        template: str | None = None,
     ) -> MetricResult:
         """The thresholdRange check, batched over the namespace's canaries for a builtin."""
         query_set = query_set_for(spec.provider)
         if metric.builtin is None:
-            return self.provider.evaluate_one(namespace, metric, target, at=at, query_set=query_set)
+            return (provider or self.provider).evaluate_one(
+                namespace, metric, target, at=at, query_set=query_set, template=template
+            )
         key = (namespace, metric.builtin, metric.histogram_unit, metric.interval, query_set)
         max_age = max(spec.analysis.interval_seconds / 2, 0.2)
         value: Measurement | None = None
@@ -307,6 +340,7 @@ class Analyzer:
         orphan_grace: float = ORPHAN_GRACE_SECONDS,
         gates: GateRunner | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        templates: TemplateResolver | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -316,7 +350,7 @@ class Analyzer:
         self.gates = gates or GateRunner()
         self.notifications = notifications
         self.now = now
-        self.metrics = MetricBatcher(provider, canaries=self._active_targets)
+        self.metrics = MetricBatcher(provider, canaries=self._active_targets, templates=templates)
         self.provider = provider
         self.actor = Actor(
             kube, events=EventRecorder(kube), gates=self.gates, notifier=notifications
@@ -440,6 +474,9 @@ class Analyzer:
             canary=workload(canary_dep, canary=True),
             primary=workload(primary),
             route_weights=route_weights(
+                list(routes.values()), name=name, namespace=namespace, spec=spec
+            ),
+            route_analysing=route_analysing(
                 list(routes.values()), name=name, namespace=namespace, spec=spec
             ),
             metrics=metrics,

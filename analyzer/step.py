@@ -17,7 +17,10 @@ So a decision taken on a stale read (the webhook started a new revision meanwhil
 whole, and a tick cut short after its commit (a crash, an API error) is finished by the next tick
 from what it observes, never repeated and never undone:
 
-- a route that differs from the status weight is set to the status weight (``_drifted``);
+- a route that differs from the status weight, or whose shape differs from what the status calls
+  for (``route_revision``: an A/B match, a mirror or session cookies while analysing, none
+  otherwise), is set again (``_drifted``; also in Failed at weight 0, so that no match rule keeps
+  sending requests to a scaled-down canary);
 - Promoting while the primary does not run the handoff revision: the copy is issued again;
   Failed while it does not run the restore's handoff: the restore is issued again;
 - a canary with replicas while idle (Failed at weight 0, Succeeded) is scaled down again; a
@@ -68,10 +71,14 @@ Each interval, while analysing, in this order:
    the next tick instead of reading absent results as failures.
 8. Later steps: every metric passes and every ``rollout`` gate answers 2xx, else failedChecks += 1
    (one per tick, however many checks failed; each failure is its own event) and the weight stays.
-   A metric with no data or a failed query is a failure and says so: a dead Prometheus halts and
-   eventually rolls back, it never promotes. Then ``confirm-traffic-increase`` (not 2xx: stay, no
-   failed check) and the next weight; at maxWeight ``confirm-promotion`` (not 2xx: phase
-   WaitingPromotion, metrics still judged each tick) and the promotion.
+   A failed query (or a MetricTemplate that cannot be used) is a failure and says so: a dead
+   Prometheus halts and eventually rolls back, it never promotes. A metric with no data ("no data
+   for metric …") follows its ``onNoData``: ``fail`` (the default) is a failed check, ``pass``
+   passes it, ``skip`` leaves it out of the interval; an interval in which every metric was
+   skipped is not judged at all: the weight stays and no failed check counts. Then
+   ``confirm-traffic-increase`` (not 2xx: stay, no failed check) and the next weight; at
+   maxWeight ``confirm-promotion`` (not 2xx: phase WaitingPromotion, metrics still judged each
+   tick) and the promotion.
 
 Confirm gates wait for approval without limit (Flagger), unless a gate has ``maxWait``: the wait
 is counted from the first tick at which the gates of that type were asked and did not all approve
@@ -98,10 +105,22 @@ Strategies (``spec.analysis.strategy``):
   intervals of metrics, fed by the ``rollout`` load-test gates); then, confirm-promotion passing,
   all traffic goes to the canary (SetWeights(0, 100), "Routing all traffic to canary") for one more
   judged iteration, and then the template is promoted while the canary serves everything, so the
-  primary's rolling update never carries live traffic it cannot take.
+  primary's rolling update never carries live traffic it cannot take. With ``mirror`` the first
+  iteration issues SetWeights(100, 0) so that the route mirrors ``mirrorWeight`` percent of the
+  requests to the canary ("Mirroring 50% of the requests of podinfo.test to podinfo-canary.test");
+  the mirror ends with the switch to the canary.
 - ab-testing (iterations and match): the same iterations, SetWeights never moves from (100, 0):
-  sending the requests that match ``analysis.match`` to the canary is the router's job, not a
-  weight. After the last iteration (and confirm-promotion) the template is promoted.
+  sending the requests that match ``analysis.match`` to the canary is the route's shape, not a
+  weight. The first iteration issues SetWeights(100, 0) so that the route takes the match rule
+  ("Routing requests of podinfo.test that match analysis.match to podinfo-canary.test"); after
+  the last iteration (and confirm-promotion) the template is promoted, and Finalising's
+  SetWeights(100, 0) takes the rule away again.
+- session affinity (canary strategy only): each SetWeights of the analysis carries the cookies;
+  the one of Finalising (or of a rollback) drops them.
+
+The route's shape is not an action field: SetWeights puts the route in the shape the committed
+status calls for (``route_revision``: the revision under analysis from the first step until
+Finalising or Failed, "" otherwise), so a route re-issued by a later tick has the same shape.
 
 Promotion, the handshake with the webhook (docs/webhook.md): SaveStableTemplate (the primary's
 template, the last good one), then the status commits phase Promoting with
@@ -134,7 +153,8 @@ Events are Flagger's wording where Flagger has one. ``event`` webhooks are the s
 every Event action to them (they need the message and type, which CallGates cannot carry).
 Notifications: ``started`` when a revision is taken up, ``halted`` on each failed check and on each
 wait for approval (confirm-rollout and confirm-promotion once, on entering the wait;
-confirm-traffic-increase each tick; none for a webhook with muteAlert), ``failed`` on each
+confirm-traffic-increase each tick; none for a webhook with muteAlert, and none for a failed
+check that only muted gates failed: their halts are events only), ``failed`` on each
 transition into Failed, ``promoted`` on success. Readiness waits are events only: they are how
 every release starts.
 """
@@ -168,10 +188,11 @@ from analyzer.model import (
     Workload,
 )
 from perch.names import ANNOTATION_ACTION, canary_name
+from perch.routers.base import analysis_rules
 from perch.spec import Analysis, CanarySpec, Metric, Webhook, WebhookType
 from perch.status import ANALYSING_PHASES, CanaryStatus, Phase, entered, timestamp
 
-__all__ = ["needs", "step"]
+__all__ = ["needs", "route_revision", "step"]
 
 TOTAL_WEIGHT: Final = 100
 
@@ -497,7 +518,7 @@ def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
             return s
         results = _gates(t, "pre-rollout")
         failures = [
-            f"pre-rollout check {hook.name} failed {_detail(result)}"
+            _Problem(f"pre-rollout check {hook.name} failed {_detail(result)}", hook.mute_alert)
             for hook, result in results
             if not _passed(result)
         ]
@@ -517,9 +538,12 @@ def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
 
 def _analyse(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     """A step after the first: judge the interval, then advance, wait for approval or promote."""
-    problems = [*_metric_problems(t), *_rollout_problems(t)]
+    metrics = _judge_metrics(t)
+    problems = [*metrics.problems, *_rollout_problems(t)]
     if problems:
         return _failed_check(t, s, problems)
+    if metrics.unjudged:
+        return _no_verdict(t, s, metrics.skipped)
     analysis = t.analysis
     if analysis.strategy == "canary":
         if s.canary_weight < analysis.max_weight:
@@ -553,6 +577,11 @@ def _set_weight(t: _Tick, s: CanaryStatus, weight: int) -> CanaryStatus:
 
 def _iterate(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     done = s.iterations + 1
+    if s.iterations == 0 and analysis_rules(t.spec, canary_weight=s.canary_weight):
+        # The first iteration starts the analysis: the route takes what the strategy adds (A/B:
+        # the match to the canary; blue/green: the mirror) at the same weights.
+        t.do(SetWeights(primary=TOTAL_WEIGHT - s.canary_weight, canary=s.canary_weight))
+        t.event(_routing_message(t), reason="Routing")
     t.event(
         f"Advance {t.target} canary iteration {done}/{t.analysis.iterations or 0}",
         reason="Advanced",
@@ -698,18 +727,45 @@ def _promote(t: _Tick, s: CanaryStatus, *, why: str) -> CanaryStatus:
     return t.to(_confirm_cleared(s), "Promoting")
 
 
-def _failed_check(t: _Tick, s: CanaryStatus, problems: Sequence[str]) -> CanaryStatus:
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """Why a check failed, and whether it came from a gate with muteAlert (an event, no alert)."""
+
+    message: str
+    muted: bool = False
+
+
+def _failed_check(t: _Tick, s: CanaryStatus, problems: Sequence[_Problem]) -> CanaryStatus:
     s = replace(s, failed_checks=s.failed_checks + 1)
     for problem in problems:
-        t.event(f"Halt {t.target} advancement {problem}", reason="Halted", warning=True)
+        t.event(f"Halt {t.target} advancement {problem.message}", reason="Halted", warning=True)
     threshold = t.analysis.threshold
     if s.failed_checks >= threshold:
+        # The rollback is announced whatever caused it: muteAlert mutes a gate's halts, not the
+        # end of the release.
         return _rollback(t, s, f"failed checks threshold reached {s.failed_checks}")
-    t.notify(
-        "halted",
-        f"Halt {t.target} advancement {'; '.join(problems)} "
-        f"(failed checks {s.failed_checks}/{threshold})",
+    # Flagger's muteAlert: a gate's failures are events but not alerts. A halt that only muted
+    # gates caused sends nothing; otherwise the alert names the unmuted problems.
+    loud = [problem.message for problem in problems if not problem.muted]
+    if loud:
+        t.notify(
+            "halted",
+            f"Halt {t.target} advancement {'; '.join(loud)} "
+            f"(failed checks {s.failed_checks}/{threshold})",
+        )
+    return s
+
+
+def _no_verdict(t: _Tick, s: CanaryStatus, skipped: Sequence[Metric]) -> CanaryStatus:
+    """Every metric had no data and says ``onNoData: skip``: nothing judged the interval, so the
+    weight stays and no failed check is counted (no data is not evidence either way)."""
+    names = ", ".join(metric.name for metric in skipped)
+    message = (
+        f"Halt {t.target} advancement no data for metric {names} (onNoData: skip): "
+        "no metric could be judged this interval"
     )
+    t.event(message, reason="Halted", warning=True)
+    t.notify("halted", message)
     return s
 
 
@@ -834,7 +890,10 @@ def _promotion_failed(t: _Tick, s: CanaryStatus, reason: str) -> CanaryStatus:
             "restored."
         )
     else:
-        # The canary has no traffic to keep: nothing is gained by keeping it up.
+        # The canary has no traffic to keep: nothing is gained by keeping it up. An A/B match rule
+        # goes with it, so the matching requests are not left on a canary scaled to zero.
+        if _route_rules(t, s):
+            t.do(SetWeights(primary=TOTAL_WEIGHT, canary=0))
         t.do(ScaleCanary(replicas=0))
         keeps = f"scaling down {t.canary}"
         condition = "Promotion failed; the primary is being restored."
@@ -868,6 +927,10 @@ def _failed(t: _Tick, s: CanaryStatus, control: ControlAction | None) -> CanaryS
         _ignore(t, control, why)
     primary = t.obs.primary
     handoff = s.handoff_revision
+    if s.canary_weight == 0 and t.obs.route_analysing:
+        # A failed canary at weight 0 runs no pods: a route that still sends requests to it (an
+        # A/B match rule left by a tick cut short) is put back to the plain split first.
+        _drifted(t, s)
     if handoff and primary.exists and primary.revision != handoff:
         # The restore of a failed promotion has not reached the primary yet: issue it again.
         t.do(RestorePrimary(revision=handoff))
@@ -990,21 +1053,60 @@ def _started(s: CanaryStatus) -> bool:
     return s.canary_weight > 0 or s.iterations > 0
 
 
+def route_revision(status: CanaryStatus) -> str:
+    """The revision whose analysis the route serves, "" when none: the route then carries what
+    the strategy adds (the A/B match, the mirror, the session cookies) from the first step (or
+    iteration) of an analysis until its traffic goes back to the primary (Finalising) or it
+    fails; before the first step (queued, waiting for confirm-rollout or readiness) and after,
+    the route is the plain weighted split."""
+    analysed = status.phase in ANALYSING_PHASES or status.phase == "Promoting"
+    if analysed and _taken_up(status) and _started(status):
+        return status.canary_revision
+    return ""
+
+
+def _route_rules(t: _Tick, s: CanaryStatus) -> bool:
+    """Whether the route for status `s` carries more than the weighted split."""
+    return bool(route_revision(s)) and analysis_rules(t.spec, canary_weight=s.canary_weight)
+
+
+def _routing_message(t: _Tick) -> str:
+    analysis = t.analysis
+    if analysis.strategy == "ab-testing":
+        return f"Routing requests of {t.target} that match analysis.match to {t.canary}"
+    if analysis.strategy == "blue-green":
+        share = analysis.mirror_weight if analysis.mirror_weight is not None else 100
+        return f"Mirroring {share}% of the requests of {t.target} to {t.canary}"
+    return f"Keeping the users of {t.target} on the side they were routed to (session affinity)"
+
+
 def _drifted(t: _Tick, s: CanaryStatus) -> bool:
-    """Re-issues the status weight when the route says otherwise, and tells the caller to stop."""
+    """Re-issues the status weight (and the route's shape) when the route says otherwise, and
+    tells the caller to stop."""
     want = (TOTAL_WEIGHT - s.canary_weight, s.canary_weight)
     got = t.obs.route_weights
-    if got == want:
+    rules = _route_rules(t, s)
+    if got == want and t.obs.route_analysing == rules:
         return False
     t.do(SetWeights(primary=want[0], canary=want[1]))
     if got is None:
         message = (
             f"Route of {t.target} not found; re-creating it at canary weight {s.canary_weight}"
         )
-    else:
+    elif got != want:
         message = (
             f"Route of {t.target} has weights {got[0]}/{got[1]} but the status records "
             f"{want[0]}/{want[1]}; restoring {want[0]}/{want[1]} before going on"
+        )
+    elif rules:
+        message = (
+            f"Route of {t.target} lacks what the analysis adds to it; restoring it: "
+            f"{_routing_message(t)}"
+        )
+    else:
+        message = (
+            f"Route of {t.target} still carries what the analysis added to it; restoring the "
+            f"plain split {want[0]}/{want[1]}"
         )
     t.event(message, reason="RouteRestored", warning=True)
     return True
@@ -1074,18 +1176,49 @@ def _detail(result: GateResult | None) -> str:
     return result.message or result.outcome
 
 
-def _metric_problems(t: _Tick) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class _MetricVerdict:
+    """The interval's metrics: why they failed, and those left unjudged (``onNoData: skip``).
+
+    ``unjudged``: the spec has metrics and every one of them was skipped, so nothing judged the
+    interval.
+    """
+
+    problems: tuple[_Problem, ...]
+    skipped: tuple[Metric, ...]
+    unjudged: bool
+
+
+def _judge_metrics(t: _Tick) -> _MetricVerdict:
     by_name = {result.name: result for result in t.obs.metrics}
-    problems: list[str] = []
+    problems: list[_Problem] = []
+    skipped: list[Metric] = []
     for metric in t.analysis.metrics:
-        problem = _metric_problem(metric, by_name.get(metric.name))
+        result = by_name.get(metric.name)
+        if result is not None and result.outcome == "no-data" and metric.on_no_data != "fail":
+            # A metric that may legitimately go quiet: its silence passes it, or leaves it out.
+            if metric.on_no_data == "skip":
+                skipped.append(metric)
+            continue
+        problem = _metric_problem(metric, result)
         if problem is not None:
-            problems.append(problem)
-    return problems
+            problems.append(_Problem(problem))
+    metrics = t.analysis.metrics
+    return _MetricVerdict(
+        problems=tuple(problems),
+        skipped=tuple(skipped),
+        unjudged=bool(metrics) and len(skipped) == len(metrics),
+    )
 
 
 def _metric_problem(metric: Metric, result: MetricResult | None) -> str | None:
-    """The halt message for a metric that did not pass; None when it passed."""
+    """The halt message for a metric that did not pass; None when it passed.
+
+    No data reads "no data for metric …", never a number. An error's message is kept when it is
+    a sentence of its own (a failed Prometheus query; a MetricTemplate that is missing, cannot be
+    rendered or whose Secret cannot be read, which name the metric), and otherwise says which
+    metric it belongs to.
+    """
     if result is None:
         # The shell was asked for it and has nothing: never read that as a pass.
         return f"no result for metric {metric.name}: it was not measured"
@@ -1095,17 +1228,19 @@ def _metric_problem(metric: Metric, result: MetricResult | None) -> str | None:
     if result.outcome == "fail":
         return message or f"{metric.name} {result.value} outside its threshold"
     if result.outcome == "no-data":
-        if "no values found" in message:
+        if message.startswith("no data"):
             return message
-        return f"no values found for metric {metric.name}" + (f": {message}" if message else "")
-    if message.startswith("Prometheus query failed"):
+        return f"no data for metric {metric.name}" + (f": {message}" if message else "")
+    if message.startswith("Prometheus query failed") or message.startswith(
+        f"metric {metric.name}:"
+    ):
         return message
     return f"Prometheus query failed for metric {metric.name}: {message or 'unknown error'}"
 
 
-def _rollout_problems(t: _Tick) -> list[str]:
+def _rollout_problems(t: _Tick) -> list[_Problem]:
     return [
-        f"external check {hook.name} failed {_detail(result)}"
+        _Problem(f"external check {hook.name} failed {_detail(result)}", hook.mute_alert)
         for hook, result in _gates(t, "rollout")
         if not _passed(result)
     ]

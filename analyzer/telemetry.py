@@ -176,3 +176,6 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # APScheduler logs every job run at INFO: thousands of lines a minute with many canaries.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # At DEBUG urllib3 logs each request line, and a notifier's path is its credential (a Slack
+    # or Teams webhook's token): never below INFO, whatever the level asked for.
+    logging.getLogger("urllib3").setLevel(max(root.level, logging.INFO))

@@ -40,7 +40,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
@@ -54,12 +54,14 @@ __all__ = [
     "BUILTIN_METRICS",
     "CONFIRM_WEBHOOK_TYPES",
     "DEFAULT_CANARY_READY_THRESHOLD",
+    "DEFAULT_COOKIE_MAX_AGE",
     "DEFAULT_GATEWAY_GROUP",
     "DEFAULT_GATEWAY_KIND",
     "DEFAULT_HISTOGRAM_UNIT",
     "DEFAULT_INTERVAL",
     "DEFAULT_MAX_WEIGHT",
     "DEFAULT_METRIC_INTERVAL",
+    "DEFAULT_ON_NO_DATA",
     "DEFAULT_ON_TIMEOUT",
     "DEFAULT_PORT_NAME",
     "DEFAULT_PRIMARY_READY_THRESHOLD",
@@ -86,13 +88,16 @@ __all__ = [
     "HistogramUnit",
     "JsonValue",
     "Metric",
+    "NoDataPolicy",
     "OnTimeout",
     "PrimaryComparison",
     "Provider",
     "Retries",
     "Rewrite",
+    "SameSite",
     "ScalerReplicas",
     "Service",
+    "SessionAffinity",
     "Severity",
     "SpecError",
     "SpecForm",
@@ -123,6 +128,10 @@ WebhookType: TypeAlias = Literal[
 ]
 # What a confirm gate with maxWait does once it has not approved within maxWait.
 OnTimeout: TypeAlias = Literal["abort", "proceed", "wait"]
+# What a metric without data in its window means (beyond Flagger, which always fails it): a failed
+# check; a pass (a counter of errors that stays silent when there are none); or not judged this
+# interval (the other metrics decide; an interval where no metric could be judged holds).
+NoDataPolicy: TypeAlias = Literal["fail", "pass", "skip"]
 Severity: TypeAlias = Literal["info", "warn", "error"]
 BuiltinMetric: TypeAlias = Literal["request-success-rate", "request-duration"]
 # Which Istio latency histogram request-duration reads: the seed's Istio exported
@@ -134,6 +143,8 @@ SpecForm: TypeAlias = Literal["analysis", "canaryAnalysis"]
 # How Flagger reads an analysis: weights in steps (canary), or a fixed number of iterations with
 # all traffic (blue-green) or with the match conditions (ab-testing) sent to the canary.
 Strategy: TypeAlias = Literal["canary", "ab-testing", "blue-green"]
+# The SameSite attribute of the session-affinity cookies (Flagger's spelling).
+SameSite: TypeAlias = Literal["Strict", "Lax", "None"]
 
 DEFAULT_PROVIDER: Final[Provider] = "istio"
 DEFAULT_PROGRESS_DEADLINE_SECONDS: Final = 600
@@ -149,9 +160,11 @@ DEFAULT_HISTOGRAM_UNIT: Final[HistogramUnit] = "milliseconds"
 DEFAULT_WEBHOOK_TYPE: Final[WebhookType] = "rollout"
 DEFAULT_WEBHOOK_TIMEOUT: Final = "10s"
 DEFAULT_ON_TIMEOUT: Final[OnTimeout] = "abort"
+DEFAULT_ON_NO_DATA: Final[NoDataPolicy] = "fail"
 DEFAULT_SEVERITY: Final[Severity] = "info"
 DEFAULT_GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
 DEFAULT_GATEWAY_KIND: Final = "Gateway"
+DEFAULT_COOKIE_MAX_AGE: Final = 86400  # Flagger's: one day
 
 # Checked on the raw text before parsing: an annotation this large is a mistake or an attack.
 MAX_SPEC_BYTES: Final = 64 * 1024
@@ -179,6 +192,9 @@ CONFIRM_WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = (
     "confirm-promotion",
 )
 _ON_TIMEOUTS: Final[tuple[OnTimeout, ...]] = get_args(OnTimeout)
+_NO_DATA_POLICIES: Final[tuple[NoDataPolicy, ...]] = get_args(NoDataPolicy)
+# A templateVariables key, as a query template can name it: {{ variables.<key> }}.
+_TEMPLATE_VARIABLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SEVERITIES: Final[tuple[Severity, ...]] = get_args(Severity)
 _PROVIDERS: Final[Mapping[str, tuple[Provider, GatewayApiVersion | None]]] = {
     "istio": ("istio", None),
@@ -492,7 +508,8 @@ class Metric:
     ``interval`` is a valid PromQL duration (a bare number of seconds gets an ``s``), ready to be
     rendered as ``{{ interval }}``. ``primary`` (beyond Flagger) also judges the canary against
     the primary; a metric with ``primary`` may have an empty ``threshold_range``, and then only
-    the comparison applies.
+    the comparison applies. ``on_no_data`` (``onNoData``, beyond Flagger) says what a window
+    without data means: a failed check (the default), a pass, or no verdict (``skip``).
     """
 
     name: str
@@ -505,6 +522,7 @@ class Metric:
     template_ref: CrossNamespaceRef | None = None
     template_variables: FrozenDict[str] = _EMPTY
     primary: PrimaryComparison | None = None
+    on_no_data: NoDataPolicy = DEFAULT_ON_NO_DATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +557,27 @@ class Alert:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionAffinity:
+    """``analysis.sessionAffinity``: Flagger's cookies that keep a user on the version they got.
+
+    During the analysis the canary's responses set ``cookie_name`` (a value of this release, for
+    ``max_age`` seconds) and requests carrying it go to the canary; with ``primary_cookie_name``
+    the primary's responses set that cookie (a value of this step, for one interval) and requests
+    carrying it go to the primary until the next step. The other fields are cookie attributes.
+    """
+
+    cookie_name: str
+    max_age: int = DEFAULT_COOKIE_MAX_AGE
+    primary_cookie_name: str | None = None
+    domain: str | None = None
+    path: str | None = None
+    same_site: SameSite | None = None
+    http_only: bool = False
+    secure: bool = False
+    partitioned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Analysis:
     """``analysis`` (or the early ``canaryAnalysis``).
 
@@ -564,6 +603,7 @@ class Analysis:
     metrics: tuple[Metric, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
     alerts: tuple[Alert, ...] = ()
+    session_affinity: SessionAffinity | None = None
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -971,7 +1011,8 @@ _SERVICE_UNSUPPORTED: Final = {
     "mirror": "not supported by Perch (to mirror traffic to the canary use analysis.mirror)",
     "primary": "not supported: Perch never creates or edits a primary Service",
 }  # fmt: skip
-_ANALYSIS_UNSUPPORTED: Final = {"sessionAffinity": "not supported by Perch"}
+# Flagger analysis fields Perch knows and refuses (none at present; sessionAffinity is supported).
+_ANALYSIS_UNSUPPORTED: Final[Mapping[str, str]] = {}
 
 
 class _Fields:
@@ -1402,7 +1443,7 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         path,
         known=(
             "name", "interval", "thresholdRange", "threshold", "query", "templateRef",
-            "templateVariables", "primary",
+            "templateVariables", "primary", "onNoData",
         ),
     )  # fmt: skip
     name = fields.required_string("name")
@@ -1470,6 +1511,20 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         raise SpecError(range_path, "a duration in milliseconds cannot be negative")
 
     interval, interval_seconds = fields.duration("interval", default=DEFAULT_METRIC_INTERVAL)
+    variables = fields.string_map("templateVariables")
+    if variables and builtin is not None:
+        raise SpecError(
+            fields.at("templateVariables"),
+            f"templateVariables only apply to a metric with templateRef or query, not to the "
+            f"builtin {builtin}",
+        )
+    for key in variables:
+        if not _TEMPLATE_VARIABLE.fullmatch(key):
+            raise SpecError(
+                _key(fields.at("templateVariables"), key),
+                f"{json.dumps(_short(key))} cannot be named in a query as "
+                "{{ variables.<key> }}: use letters, digits, '_', '-' and '.'",
+            )
     return Metric(
         name=name,
         threshold_range=threshold_range,
@@ -1479,9 +1534,21 @@ def _metric(value: object, path: str, warnings: list[str]) -> Metric:
         histogram_unit=histogram_unit,
         query=query,
         template_ref=template_ref,
-        template_variables=fields.string_map("templateVariables"),
+        template_variables=variables,
         primary=primary,
+        on_no_data=_no_data_policy(fields),
     )
+
+
+def _no_data_policy(fields: _Fields) -> NoDataPolicy:
+    value = fields.raw("onNoData")
+    if value is None:
+        return DEFAULT_ON_NO_DATA
+    if not isinstance(value, str):
+        raise _type_error(fields.at("onNoData"), "a string", value)
+    if value not in _NO_DATA_POLICIES:
+        raise SpecError(fields.at("onNoData"), _one_of(value, _NO_DATA_POLICIES, "onNoData policy"))
+    return value
 
 
 def _webhook(value: object, path: str) -> Webhook:
@@ -1565,10 +1632,254 @@ def _alert(value: object, path: str) -> Alert:
     return Alert(name=name, provider_ref=provider_ref, severity=severity)
 
 
+# --------------------------------------------------------------------------------------------
+# Traffic: A/B match conditions, mirroring, session affinity (what each router can express)
+# --------------------------------------------------------------------------------------------
+
+# Istio's HTTPMatchRequest, the shape of Flagger's match conditions.
+_ISTIO_MATCH_FIELDS: Final = (
+    "headers", "uri", "method", "queryParams", "sourceLabels", "authority", "scheme", "port",
+    "gateways", "ignoreUriCase", "withoutHeaders", "sourceNamespace", "name", "statPrefix",
+)  # fmt: skip
+# What the Gateway API's HTTPRouteMatch can say of them (Perch translates these).
+_GATEWAY_MATCH_FIELDS: Final = ("headers", "uri", "method", "queryParams")
+_STRING_MATCH_KINDS: Final = ("exact", "prefix", "regex")
+_HTTP_METHODS: Final = (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+)  # fmt: skip
+# The Gateway API's HTTPHeaderName (also its query parameter names): an RFC 7230 token.
+_HTTP_TOKEN = _Pattern(
+    re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,256}"),
+    "an HTTP header name: letters, digits and !#$%&'*+-.^_`|~",
+)
+# Gateway API limit on the matches of one rule (analysis.match x service.match).
+_GATEWAY_MAX_MATCHES: Final = 64
+_COOKIE_NAME = _Pattern(
+    re.compile(r"[A-Za-z0-9_.-]{1,128}"),
+    "a cookie name: letters, digits, '_', '.' and '-'",
+)
+_COOKIE_ATTRIBUTE = _Pattern(
+    re.compile(r"[\x21-\x3a\x3c-\x7e]{1,256}"),
+    "a cookie attribute: printable characters without spaces or ';'",
+)
+_SAME_SITES: Final[tuple[SameSite, ...]] = get_args(SameSite)
+_SESSION_AFFINITY_FIELDS: Final = (
+    "cookieName", "maxAge", "primaryCookieName", "domain", "path", "sameSite", "httpOnly",
+    "secure", "partitioned",
+)  # fmt: skip
+
+
+def _string_match(value: object, path: str, *, kinds: tuple[str, ...], where: str) -> None:
+    """One of Flagger's (Istio's) StringMatch: exactly one of exact, prefix, regex."""
+    if not isinstance(value, Mapping):
+        raise _type_error(path, f"a mapping with one of {', '.join(kinds)}", value)
+    if len(value) != 1:
+        raise SpecError(path, f"give exactly one of {', '.join(kinds)}")
+    ((kind, text),) = value.items()
+    if kind not in _STRING_MATCH_KINDS:
+        raise SpecError(_key(path, kind), _one_of(kind, kinds, "match kind"))
+    if kind not in kinds:
+        hint = "; write it as a regex, e.g. '^value.*'" if kind == "prefix" else ""
+        raise SpecError(
+            _key(path, kind), f"{where} has no {kind} match (only {', '.join(kinds)}){hint}"
+        )
+    _as_string(text, _key(path, kind))
+
+
+def _name_matches(
+    value: object, path: str, *, kinds: tuple[str, ...], where: str, provider: Provider
+) -> None:
+    """headers, queryParams, withoutHeaders: a mapping of names to string matches."""
+    if not isinstance(value, Mapping) or not value:
+        raise _type_error(path, "a mapping of names to matches", value)
+    for name, match in value.items():
+        at = _key(path, name)
+        if provider == "gatewayapi":
+            _as_string(name, at, pattern=_HTTP_TOKEN)
+        elif path.endswith(("headers", "withoutHeaders")) and name != name.lower():
+            # Istio refuses (or never matches) upper-case header names.
+            raise SpecError(at, f"Istio matches header names in lower case: write {name.lower()}")
+        _string_match(match, at, kinds=kinds, where=where)
+
+
+def _check_match(
+    items: tuple[FrozenDict[JsonValue], ...], path: str, *, provider: Provider
+) -> None:
+    """Refuses a match condition the provider's route cannot express, naming the field."""
+    gateway = provider == "gatewayapi"
+    router = "the Gateway API's" if gateway else "Istio's"
+    known = _GATEWAY_MATCH_FIELDS if gateway else _ISTIO_MATCH_FIELDS
+    for index, item in enumerate(items):
+        here = _item(path, index)
+        if not item:
+            raise SpecError(
+                here, "an empty match condition matches every request; give headers, uri, "
+                "method or queryParams",
+            )  # fmt: skip
+        for key, value in item.items():
+            at = _key(here, key)
+            if key not in known:
+                if gateway and key in _ISTIO_MATCH_FIELDS:
+                    raise SpecError(
+                        at,
+                        f"the Gateway API cannot match on {key} (Istio can); with provider "
+                        f"gatewayapi a match has {', '.join(_GATEWAY_MATCH_FIELDS)}",
+                    )
+                reason = f"unknown field {json.dumps(_short(key))}"
+                suggestion = _suggest(key, known)
+                reason += (
+                    f"; did you mean {suggestion}?"
+                    if suggestion
+                    else f"; the fields here are {', '.join(known)}"
+                )
+                raise SpecError(at, reason)
+            if key in ("headers", "withoutHeaders"):
+                kinds = ("exact", "regex") if gateway else _STRING_MATCH_KINDS
+                _name_matches(
+                    value, at, kinds=kinds, where=f"{router} header match", provider=provider
+                )
+            elif key == "queryParams":
+                # Istio has no prefix match for query parameters either.
+                _name_matches(
+                    value,
+                    at,
+                    kinds=("exact", "regex"),
+                    where=f"{router} query parameter match",
+                    provider=provider,
+                )
+            elif key == "method" and gateway:
+                _string_match(value, at, kinds=("exact",), where="the Gateway API's method match")
+                method = cast(Mapping[str, str], value)["exact"]
+                if method not in _HTTP_METHODS:
+                    raise SpecError(_key(at, "exact"), _one_of(method, _HTTP_METHODS, "method"))
+            elif key in ("uri", "scheme", "method", "authority"):
+                _string_match(value, at, kinds=_STRING_MATCH_KINDS, where=f"{router} {key} match")
+                kind, uri = next(iter(cast(Mapping[str, str], value).items()))
+                if gateway and kind != "regex" and not uri.startswith("/"):
+                    raise SpecError(
+                        _key(at, kind), f"a Gateway API path starts with '/', got {uri!r}"
+                    )
+            elif key == "sourceLabels":
+                if not isinstance(value, Mapping) or not value:
+                    raise _type_error(at, "a mapping of label names to values", value)
+                for label, label_value in value.items():
+                    _as_string(label_value, _key(at, label), allow_empty=True)
+            elif key == "gateways":
+                if not isinstance(value, tuple):
+                    raise _type_error(at, "a list", value)
+                for i, gateway_name in enumerate(value):
+                    _as_string(gateway_name, _item(at, i))
+            elif key == "port":
+                _as_integer(value, at, minimum=1, maximum=65535)
+            elif key == "ignoreUriCase":
+                if not isinstance(value, bool):
+                    raise _type_error(at, "a boolean (true or false)", value)
+            else:
+                _as_string(value, at)
+
+
+def _session_affinity(fields: _Fields | None) -> SessionAffinity | None:
+    if fields is None:
+        return None
+    if not fields.has("cookieName"):
+        raise SpecError(
+            fields.at("cookieName"), "required: the cookie that keeps a user on the canary"
+        )
+    cookie = fields.required_string("cookieName", pattern=_COOKIE_NAME)
+    primary = fields.string("primaryCookieName", pattern=_COOKIE_NAME)
+    if primary == cookie:
+        raise SpecError(
+            fields.at("primaryCookieName"),
+            f"must differ from cookieName {cookie}: one cookie keeps users on the canary, "
+            "the other on the primary",
+        )
+    same_site = fields.string("sameSite")
+    if same_site is not None and same_site not in _SAME_SITES:
+        raise SpecError(fields.at("sameSite"), _one_of(same_site, _SAME_SITES, "sameSite"))
+    return SessionAffinity(
+        cookie_name=cookie,
+        max_age=fields.integer("maxAge", default=DEFAULT_COOKIE_MAX_AGE, minimum=1),
+        primary_cookie_name=primary,
+        domain=fields.string("domain", pattern=_COOKIE_ATTRIBUTE),
+        path=fields.string("path", pattern=_COOKIE_ATTRIBUTE),
+        same_site=same_site,
+        http_only=fields.boolean("httpOnly"),
+        secure=fields.boolean("secure"),
+        partitioned=fields.boolean("partitioned"),
+    )
+
+
+def _traffic(
+    fields: _Fields | None,
+    analysis: Analysis,
+    *,
+    provider: Provider,
+    gateway_api_version: GatewayApiVersion | None,
+    service: Service,
+    warnings: list[str],
+) -> Analysis:
+    """What the analysis asks of the router: refused here, naming the field, when the strategy
+    has no use for it or the provider's route cannot express it (rather than by the API server
+    when the analyzer writes the route, or silently)."""
+    if fields is None:
+        return analysis
+    strategy = analysis.strategy
+    if analysis.match:
+        _check_match(analysis.match, fields.at("match"), provider=provider)
+        if strategy != "ab-testing":
+            warnings.append(
+                f"perch.dev/spec: {fields.at('match')} has no effect without iterations: A/B "
+                "testing is iterations with match, and no stepWeight or stepWeights"
+            )
+        elif provider == "gatewayapi":
+            count = len(analysis.match) * max(1, len(service.match))
+            if count > _GATEWAY_MAX_MATCHES:
+                raise SpecError(
+                    fields.at("match"),
+                    f"{len(analysis.match)} conditions for each of the {len(service.match)} of "
+                    f"service.match make {count} matches; an HTTPRoute rule takes at most "
+                    f"{_GATEWAY_MAX_MATCHES}",
+                )
+    if analysis.mirror:
+        if strategy != "blue-green":
+            why = (
+                "with match it is A/B testing, where the matching requests themselves go to "
+                "the canary"
+                if strategy == "ab-testing"
+                else "with weights the canary gets live traffic from its first step"
+            )
+            raise SpecError(
+                fields.at("mirror"),
+                "mirroring runs during blue/green iterations (iterations without match, "
+                f"stepWeight or stepWeights); {why}",
+            )
+        if gateway_api_version == "v1beta1" and analysis.mirror_weight is not None:
+            raise SpecError(
+                fields.at("mirrorWeight"),
+                "the RequestMirror filter of the Gateway API's v1beta1 releases has no percent "
+                "(it mirrors every request); use provider gatewayapi:v1 (Gateway API v1.3 or "
+                "later) or leave mirrorWeight out",
+            )
+    elif analysis.mirror_weight is not None:
+        warnings.append(
+            f"perch.dev/spec: {fields.at('mirrorWeight')} has no effect without mirror: true"
+        )
+    affinity = _session_affinity(fields.child("sessionAffinity", known=_SESSION_AFFINITY_FIELDS))
+    if affinity is not None and strategy != "canary":
+        raise SpecError(
+            fields.at("sessionAffinity"),
+            "session affinity keeps users on the side the weighted split sent them to, so it "
+            "goes with stepWeight or stepWeights; with iterations the canary gets all the "
+            "traffic at once (blue/green) or exactly the requests analysis.match selects (A/B "
+            "testing)",
+        )
+    return replace(analysis, session_affinity=affinity)
+
+
 _ANALYSIS_FIELDS: Final = (
     "interval", "threshold", "maxWeight", "stepWeight", "stepWeights", "stepWeightPromotion",
     "iterations", "mirror", "mirrorWeight", "primaryReadyThreshold", "canaryReadyThreshold",
-    "match", "metrics", "webhooks", "alerts",
+    "match", "metrics", "webhooks", "alerts", "sessionAffinity",
 )  # fmt: skip
 
 
@@ -1758,8 +2069,14 @@ def parse_spec(text: str | None) -> CanarySpec:
         provider=provider,
         warnings=warnings,
     )  # fmt: skip
-    analysis = _analysis(
-        top.child(form, known=_ANALYSIS_FIELDS, unsupported=_ANALYSIS_UNSUPPORTED), warnings
+    analysis_fields = top.child(form, known=_ANALYSIS_FIELDS, unsupported=_ANALYSIS_UNSUPPORTED)
+    analysis = _traffic(
+        analysis_fields,
+        _analysis(analysis_fields, warnings),
+        provider=provider,
+        gateway_api_version=gateway_api_version,
+        service=service,
+        warnings=warnings,
     )
     skip_analysis = top.boolean("skipAnalysis")
     if not analysis.metrics and not skip_analysis:

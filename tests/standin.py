@@ -87,6 +87,8 @@ RESOURCES: tuple[Resource, ...] = (
         returns_deleted=False,
     ),
     Resource("perch.dev", "v1alpha1", "canaries", "Canary"),
+    Resource("perch.dev", "v1alpha1", "metrictemplates", "MetricTemplate", status=False),
+    Resource("perch.dev", "v1alpha1", "alertproviders", "AlertProvider", status=False),
     Resource("networking.istio.io", "v1", "virtualservices", "VirtualService"),
     Resource("networking.istio.io", "v1", "destinationrules", "DestinationRule"),
     Resource("networking.istio.io", "v1", "gateways", "Gateway"),

@@ -52,7 +52,8 @@ def _closed(schema: Any, *, root: bool) -> Any:
 
 @functools.cache
 def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    files = [*sorted(SCHEMAS.glob("*.yaml")), CANARY_CRD]
+    # The Canary's and every other CRD the chart ships (AlertProvider, ...).
+    files = [*sorted(SCHEMAS.glob("*.yaml")), *sorted(CANARY_CRD.parent.glob("*.yaml"))]
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):

@@ -69,6 +69,34 @@ def _field(
 _KIND_NAMES = {dict: "JSON object", str: "string", bool: "boolean", int: "integer", list: "list"}
 
 
+def _check_shape(obj: Mapping[str, Any], label: str) -> None:
+    """The parts of an object the decision reads have the types Kubernetes gives them; anything
+    else is a malformed review named by its path, not an error deep in the decision."""
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        raise MalformedReview(f"{label}.metadata must be a JSON object")
+    _check_string_map(metadata, f"{label}.metadata")
+    spec = _field(obj, "spec", f"{label}.", dict, required=False)
+    if spec is None:
+        return
+    template = _field(spec, "template", f"{label}.spec.", dict, required=False)
+    if template is None:
+        return
+    where = f"{label}.spec.template."
+    template_meta = _field(template, "metadata", where, dict, required=False)
+    if template_meta is not None:
+        _check_string_map(template_meta, f"{where}metadata")
+    _field(template, "spec", where, dict, required=False)
+
+
+def _check_string_map(metadata: Mapping[str, Any], path: str) -> None:
+    for key in ("annotations", "labels"):
+        value = _field(metadata, key, f"{path}.", dict, required=False)
+        for name, item in (value or {}).items():
+            if not isinstance(item, str):
+                raise MalformedReview(f"{path}.{key}[{name!r}] must be a string")
+
+
 def parse_review(body: object) -> AdmissionRequest:
     if not isinstance(body, Mapping):
         raise MalformedReview("the body must be a JSON object (an AdmissionReview)")
@@ -92,8 +120,8 @@ def parse_review(body: object) -> AdmissionRequest:
     obj = _field(req, "object", "request.", dict, required=operation in ("CREATE", "UPDATE"))
     old = _field(req, "oldObject", "request.", dict, required=operation == "UPDATE")
     for label, value in (("request.object", obj), ("request.oldObject", old)):
-        if value is not None and not isinstance(value.get("metadata"), dict):
-            raise MalformedReview(f"{label}.metadata must be a JSON object")
+        if value is not None:
+            _check_shape(value, label)
     user = _field(req, "userInfo", "request.", dict, required=False) or {}
     return AdmissionRequest(
         uid=uid,

@@ -33,12 +33,17 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
-    """How to reach a metrics backend (one per analyzer, shared by every canary)."""
+    """How to reach a metrics backend: the analyzer's own, or a MetricTemplate's.
+
+    ``verify_tls`` False skips the certificate check (a template's insecureSkipVerify);
+    ``ca_bundle`` is PEM text of the CAs to trust instead of the system's.
+    """
 
     address: str
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     headers: Mapping[str, str] = field(default_factory=dict)
     verify_tls: bool = True
+    ca_bundle: str | None = None
 
 
 class MetricProvider(Protocol):

@@ -8,7 +8,9 @@ the part after "advancement" (the analyzer adds the rest), so the event line rea
   duration of a second or more is in seconds with three decimals, a shorter one in
   milliseconds);
 * custom metrics: ``error-ratio 3.20 > 2``;
-* no data: ``no values found for metric request-success-rate``.
+* no data: ``no data for metric request-success-rate`` (Flagger says "no values found"; Perch
+  names the outcome, which is not a number and which a metric's ``onNoData`` may turn into a pass
+  or a skip).
 
 Comparative checks (beyond Flagger) judge the canary against the primary over the same window:
 :func:`judge_relative`.
@@ -77,7 +79,7 @@ def no_data(name: str, *, of: str | None = None) -> MetricResult:
         name=name,
         outcome="no-data",
         value=None,
-        message=f"no values found for metric {name}{suffix}",
+        message=f"no data for metric {name}{suffix}",
     )
 
 

@@ -17,11 +17,15 @@ user's PromQL cannot be rewritten safely to aggregate by target.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
 import math
+import os
 import re
+import tempfile
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -72,15 +76,29 @@ class PrometheusProvider:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         headers: Mapping[str, str] | None = None,
         verify_tls: bool = True,
+        ca_bundle: str | None = None,
     ) -> None:
         if not timeout_seconds > 0:
             raise ValueError(f"timeout_seconds must be more than 0, got {timeout_seconds!r}")
         self.url = url.rstrip("/")
         self.timeout_seconds = timeout_seconds
+        session = requests.Session()
+        self._ca_file: str | None = None
+        if verify_tls and ca_bundle:
+            # requests verifies against a file: the bundle (certificates, nothing secret) is
+            # written to a private temporary file that close() removes.
+            descriptor, self._ca_file = tempfile.mkstemp(prefix="perch-ca-", suffix=".pem")
+            with os.fdopen(descriptor, "w") as out:
+                out.write(ca_bundle)
+            # A provider dropped without close() (a replaced template's) removes it too.
+            self._ca_cleanup = weakref.finalize(self, _remove_file, self._ca_file)
+            session.verify = self._ca_file
+        else:
+            session.verify = verify_tls
         self._client = PrometheusConnect(
             url=self.url,
             headers=dict(headers) if headers else None,
-            disable_ssl=not verify_tls,
+            session=session,
             # One attempt. read=False re-raises a read timeout as itself, so requests reports a
             # ReadTimeout rather than a generic ConnectionError from exhausted retries.
             retry=Retry(total=0, read=False),
@@ -95,6 +113,7 @@ class PrometheusProvider:
             timeout_seconds=settings.timeout_seconds,
             headers=settings.headers,
             verify_tls=settings.verify_tls,
+            ca_bundle=settings.ca_bundle,
         )
 
     @property
@@ -104,6 +123,9 @@ class PrometheusProvider:
 
     def close(self) -> None:
         self._client.close()
+        if self._ca_file is not None:
+            self._ca_cleanup()
+            self._ca_file = None
 
     # -- raw queries -------------------------------------------------------------------------
 
@@ -173,7 +195,7 @@ class PrometheusProvider:
                 name=metric.name,
                 outcome="error",
                 value=None,
-                message=f"metric template {where} is not available",
+                message=f"metric {metric.name}: MetricTemplate {where} is not available",
             )
             return dict.fromkeys(unique, failure)
         return {
@@ -232,7 +254,7 @@ class PrometheusProvider:
                 name=metric.name,
                 outcome="error",
                 value=None,
-                message=f"cannot render the query of metric {metric.name}: {error}",
+                message=f"metric {metric.name}: cannot render its query: {error}",
             )
         try:
             value = _single_value(self.query(promql, at=at))
@@ -314,6 +336,11 @@ class PrometheusProvider:
 
 
 register_provider("prometheus", PrometheusProvider.from_settings)
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 # --------------------------------------------------------------------------------------------

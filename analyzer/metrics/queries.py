@@ -2,9 +2,17 @@
 
 The builtins are Flagger's (``pkg/metrics/observers/istio.go``): ``request-success-rate`` is the
 share of non-5xx responses in percent, ``request-duration`` the p99 latency in milliseconds. For a
-single target the text is Flagger's query exactly (whitespace collapsed, as Flagger's Prometheus
-client also does before sending). Perch's target is the canary Deployment ``<name>-canary``, so
-``{{ target }}`` renders to ``podinfo-canary`` where Flagger's renders to ``podinfo``.
+single target the text is Flagger's query (whitespace collapsed, as Flagger's Prometheus client
+also does before sending), with one departure: the success rate's numerator is guarded. Flagger
+divides ``sum(rate(non-5xx))`` by ``sum(rate(all))``; a canary that answers nothing but 5xx has no
+non-5xx series, so the numerator is empty, the division is empty, and Flagger reports "no values
+found" for the worst canary there is. Here the numerator is ``(sum(rate(non-5xx)) or
+sum(rate(all)) * 0)``: where the canary had requests but none succeeded, the ``or`` supplies a 0
+with the same labels, so the rate reads 0 %. It keeps the labels of the denominator, so the same
+form works for the batched query grouped by workload (``or on() vector(0)`` would not: its one
+unlabelled 0 matches no workload). A window without any request still has no denominator and
+stays "no data". Perch's target is the canary Deployment ``<name>-canary``, so ``{{ target }}``
+renders to ``podinfo-canary`` where Flagger's renders to ``podinfo``.
 
 Beyond Flagger, :func:`builtin_query` batches: for several targets in one namespace it renders one
 query whose regex matches all of them and whose aggregation keeps the workload label
@@ -133,15 +141,21 @@ def render_template(
 # Builtin queries
 # --------------------------------------------------------------------------------------------
 
-# Flagger's Istio queries (observers/istio.go), whitespace collapsed.
+
+def _guarded_ratio(successes: str, requests: str) -> str:
+    """successes / requests * 100, with 0 successes (not none) where requests had only 5xx."""
+    return f"({successes} or {requests} * 0) / {requests} * 100"
+
+
+# Flagger's Istio queries (observers/istio.go), whitespace collapsed; the success rate guarded.
 _ISTIO_SELECTOR = (
     'reporter="destination",destination_workload_namespace="{{ namespace }}",'
     'destination_workload=~"{{ target }}"'
 )
-ISTIO_SUCCESS_RATE: Final = (
+ISTIO_SUCCESS_RATE: Final = _guarded_ratio(
     f'sum(rate(istio_requests_total{{{_ISTIO_SELECTOR},response_code!~"5.*"}}'
-    "[{{ interval }}])) / "
-    f"sum(rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[{{{{ interval }}}}])) * 100"
+    "[{{ interval }}]))",
+    f"sum(rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[{{{{ interval }}}}]))",
 )
 
 
@@ -152,23 +166,23 @@ def _istio_duration(histogram: str, by: str) -> str:
     )
 
 
-# Both sums keep the workload label, so the division matches canary to canary.
-_ISTIO_SUCCESS_RATE_BATCHED: Final = (
+# Both sums keep the workload label, so the division (and the guard) match canary to canary.
+_ISTIO_SUCCESS_RATE_BATCHED: Final = _guarded_ratio(
     f'sum(rate(istio_requests_total{{{_ISTIO_SELECTOR},response_code!~"5.*"}}'
-    "[{{ interval }}])) by (destination_workload) / "
+    "[{{ interval }}])) by (destination_workload)",
     f"sum(rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[{{{{ interval }}}}])) "
-    "by (destination_workload) * 100"
+    "by (destination_workload)",
 )
 
 # Envoy (Contour's cluster naming <namespace>_<service>_<port>), as in Flagger's contour observer
 # and its Gateway API tutorial. There the target is the primary's name and the query appends
 # "-canary"; Perch's target already is the canary Service, so nothing is appended.
 _ENVOY_CLUSTER = '"{{ namespace }}_{{ target }}_[0-9a-zA-Z-]+"'
-ENVOY_SUCCESS_RATE: Final = (
+ENVOY_SUCCESS_RATE: Final = _guarded_ratio(
     f"sum(rate(envoy_cluster_upstream_rq{{envoy_cluster_name=~{_ENVOY_CLUSTER},"
-    'envoy_response_code!~"5.*"}[{{ interval }}])) / '
+    'envoy_response_code!~"5.*"}[{{ interval }}]))',
     f"sum(rate(envoy_cluster_upstream_rq{{envoy_cluster_name=~{_ENVOY_CLUSTER}}}"
-    "[{{ interval }}])) * 100"
+    "[{{ interval }}]))",
 )
 ENVOY_DURATION: Final = (
     "histogram_quantile(0.99, sum(rate(envoy_cluster_upstream_rq_time_bucket{"
@@ -181,12 +195,12 @@ _ENVOY_LIFT = (
     f'"{_ENVOY_TARGET_LABEL}", "$1", "envoy_cluster_name", '
     '"{{ namespace }}_({{ target }})_[0-9a-zA-Z-]+"'
 )
-_ENVOY_SUCCESS_RATE_BATCHED: Final = (
+_ENVOY_SUCCESS_RATE_BATCHED: Final = _guarded_ratio(
     f"sum by ({_ENVOY_TARGET_LABEL}) (label_replace(rate(envoy_cluster_upstream_rq{{"
     f'envoy_cluster_name=~{_ENVOY_MATCH},envoy_response_code!~"5.*"}}[{{{{ interval }}}}]), '
-    f"{_ENVOY_LIFT})) / "
+    f"{_ENVOY_LIFT}))",
     f"sum by ({_ENVOY_TARGET_LABEL}) (label_replace(rate(envoy_cluster_upstream_rq{{"
-    f"envoy_cluster_name=~{_ENVOY_MATCH}}}[{{{{ interval }}}}]), {_ENVOY_LIFT})) * 100"
+    f"envoy_cluster_name=~{_ENVOY_MATCH}}}[{{{{ interval }}}}]), {_ENVOY_LIFT}))",
 )
 _ENVOY_DURATION_BATCHED: Final = (
     f"histogram_quantile(0.99, sum by (le, {_ENVOY_TARGET_LABEL}) (label_replace(rate("

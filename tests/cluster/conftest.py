@@ -25,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from perch.kube import load_api_client
-from tests.support import controlplane
+from tests.support import controlplane, secrets
 from tests.support.install import install
 from tests.support.kubelet import FakeKubelet
 from tests.support.mesh import IstioExporter
@@ -97,6 +97,9 @@ def webhook(
         },
         bind_host=HOST,
     )
+    secrets.log_file(server.log_path)
+    key = server.certs.key.read_text()
+    secrets.remember(*[line for line in key.splitlines() if "-----" not in line])
     name = f"zz-perch-test-{uuid.uuid4().hex[:6]}.perch.dev"
     config = registration(
         namespace=installed.release.namespace,
@@ -181,9 +184,8 @@ def perch(
     )
 
 
-@pytest.fixture
-def namespace(api: client.ApiClient, perch: Perch) -> Iterator[str]:
-    ns = f"t-{uuid.uuid4().hex[:6]}"
+def _scratch_namespace(api: client.ApiClient, prefix: str) -> Iterator[str]:
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": ns}})
     yield ns
@@ -192,6 +194,18 @@ def namespace(api: client.ApiClient, perch: Perch) -> Iterator[str]:
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+@pytest.fixture
+def namespace(api: client.ApiClient, perch: Perch) -> Iterator[str]:
+    yield from _scratch_namespace(api, "t")
+
+
+@pytest.fixture
+def other_namespace(api: client.ApiClient, perch: Perch) -> Iterator[str]:
+    """A second namespace, the platform team's: it holds what apps reference by namespace
+    (AlertProviders, MetricTemplates)."""
+    yield from _scratch_namespace(api, "team")
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from tests.support import controlplane
 from tests.support.chart import NAMESPACE, render
 from tests.support.install import Identity, Installed, apply, install, kubeconfig_for
 from tests.support.kubelet import wait_for
+from tests.support.relay import Cable
 
 pytestmark = pytest.mark.cluster
 
@@ -159,79 +159,6 @@ def ns(private: Private) -> Iterator[str]:
     yield name
     with contextlib.suppress(Exception):
         client.CoreV1Api(private.admin()).delete_namespace(name)
-
-
-class Cable:
-    """A TCP relay between a client and the API server, which the test can unplug: open
-    connections are cut and new ones closed at once until it is plugged back in."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        self._plugged = threading.Event()
-        self._plugged.set()
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._closed = False
-        threading.Thread(target=self._accept, name="cable", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def unplug(self) -> None:
-        self._plugged.clear()
-        with self._lock:
-            cut, self._open = self._open, set()
-        for conn in cut:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def plug(self, upstream_port: int | None = None) -> None:
-        if upstream_port is not None:
-            self.upstream_port = upstream_port
-        self._plugged.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self.unplug()
-        self._server.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                down, _ = self._server.accept()
-            except OSError:
-                return
-            if not self._plugged.is_set():
-                down.close()
-                continue
-            try:
-                up = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-                up.settimeout(None)
-            except OSError:
-                down.close()
-                continue
-            with self._lock:
-                self._open |= {down, up}
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for conn in (src, dst):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            with self._lock:
-                self._open -= {src, dst}
 
 
 @pytest.fixture

@@ -37,9 +37,12 @@ from kubernetes import client
 
 import analyzer.__main__ as analyzer_cli
 import certs.__main__ as certs_cli
+from analyzer.alerts import AlertProviderResolver
 from analyzer.cache import WatchCache
 from analyzer.leader import LeaseElector
+from analyzer.metrics.base import ProviderSettings
 from analyzer.metrics.prometheus import PrometheusProvider
+from analyzer.metrics.resolver import TemplateResolver
 from analyzer.notify import Notifications, notifiers_from_settings, providers_from_settings
 from analyzer.service import Analyzer
 from analyzer.telemetry import Telemetry
@@ -78,6 +81,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "analyzer-deployment": {"analyzer": {"mode": "deployment"}},
     "analyzer-namespaces": {"analyzer": {"namespaces": ["team-a", "team-b"]}},
+    "analyzer-secret-names": {"analyzer": {"secretNames": ["on-call-url", "teams.url"]}},
     "cert-manager": {"tls": {"certManager": {"enabled": True}}},
     "cert-manager-own-issuer": {
         "tls": {
@@ -208,8 +212,11 @@ def test_chart_metadata_and_crd_ship_as_they_are() -> None:
     assert meta["appVersion"] == PYPROJECT["project"]["version"] == "0.1.0"
     assert meta["kubeVersion"] == ">=1.28.0-0"  # matchConditions: beta in 1.28, GA in 1.30
     crds = load_chart().crds
-    assert [c["name"] for c in crds] == ["crds/canaries.perch.dev.yaml"]
-    assert crds[0]["data"] == (CHART / "crds" / "canaries.perch.dev.yaml").read_text()
+    names = [c["name"] for c in crds]
+    assert {"crds/canaries.perch.dev.yaml", "crds/alertproviders.perch.dev.yaml"} <= set(names)
+    assert names == sorted(f"crds/{p.name}" for p in (CHART / "crds").glob("*.yaml"))
+    for crd in crds:
+        assert crd["data"] == (CHART / crd["name"]).read_text()
 
 
 def test_no_certificate_or_key_is_committed_in_the_chart() -> None:
@@ -1165,6 +1172,8 @@ def run_analyzer(world: World, release: Release) -> None:
 
     clock = [datetime.datetime.now(datetime.UTC)]
     cache = WatchCache(api, namespaces=args.namespace, backoff_initial=0.05, backoff_max=0.4)
+    # As __main__ does: MetricTemplates in a watch cache of their own.
+    template_cache = WatchCache(api, namespaces=args.namespace, kinds=("MetricTemplate",))
     analyzer = Analyzer(
         kube=Kube(api, timeout=5.0),
         cache=cache,
@@ -1174,10 +1183,17 @@ def run_analyzer(world: World, release: Release) -> None:
         max_active=args.max_active,
         orphan_grace=0.0,
         now=lambda: clock[0],
+        templates=TemplateResolver(
+            templates=template_cache,
+            secrets=Kube(api, timeout=5.0),
+            default=ProviderSettings(args.prometheus_url),
+        ),
     )
     cache.start()
+    template_cache.start()
     try:
         assert cache.wait_synced(timeout=10)
+        assert template_cache.wait_synced(timeout=10)
 
         def phase(ns: str) -> str:
             canary = world.obj("canaries", ns, "podinfo") or {}
@@ -1197,12 +1213,37 @@ def run_analyzer(world: World, release: Release) -> None:
             time.sleep(0.2)  # the watch cache and the Deployment controller catch up
     finally:
         cache.stop()
+        template_cache.stop()
         analyzer.notifications.close()
     for ns in promoted:
         primary = world.obj("deployments", ns, "podinfo")
         assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE_NEW
     for ns in orphans:
         assert world.obj("deployments", ns, "podinfo-canary") is None
+    # A notification due for a canary whose alert names an AlertProvider with its address in a
+    # Secret: the analyzer reads both, as its notifications' thread does.
+    ns = world.namespace()
+    client.CoreV1Api(world.test_api).create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": "on-call-url"},
+            "data": {"address": base64.b64encode(b"https://chat.example/hook").decode()},
+        },
+    )
+    world.custom.create_namespaced_custom_object(
+        "perch.dev",
+        "v1alpha1",
+        ns,
+        "alertproviders",
+        {
+            "apiVersion": "perch.dev/v1alpha1",
+            "kind": "AlertProvider",
+            "metadata": {"name": "on-call"},
+            "spec": {"type": "slack", "secretRef": {"name": "on-call-url"}},
+        },
+    )
+    provider = AlertProviderResolver(Kube(api, timeout=5.0)).resolve("on-call", namespace=ns)
+    assert provider is not None and provider["url"] == "https://chat.example/hook"
 
 
 CertsRun = tuple[str, Release, dict[str, Any], list[Use]]
@@ -1306,8 +1347,11 @@ def test_every_request_of_a_service_is_granted_to_its_pod(
 def test_analyzer_limited_to_namespaces_is_granted_there_only(exercised) -> None:
     world, _ = exercised
     uses = world.recorders["analyzer"].uses
-    # The namespaces the analyzer's canaries were in, and a cache limited to them.
-    namespaces = sorted({u.namespace for u in uses if u.resource == "canaries/status"})
+    # The namespaces the analyzer's canaries and their AlertProviders were in, and a cache
+    # limited to them.
+    namespaces = sorted(
+        {u.namespace for u in uses if u.resource in ("canaries/status", "alertproviders")}
+    )
     release = render({"analyzer": {"mode": "deployment", "namespaces": namespaces}})
     _, pod = release.pod_running("analyzer")
     args = analyzer_cli.parse_args(_container(pod, "analyzer")["args"], {})
@@ -1364,6 +1408,24 @@ def test_every_granted_rule_is_used(exercised, mode: str) -> None:
                                 (role["kind"], role["metadata"]["name"], group, resource, verb)
                             )
     assert unused == [], unused
+
+
+def test_secret_names_narrow_the_analyzers_secret_reads_to_those_names() -> None:
+    def secret_rules(values: dict[str, Any]) -> list[dict[str, Any]]:
+        role = render(values).one("ClusterRole", "perch-analyzer")
+        return [r for r in role["rules"] if "secrets" in r["resources"]]
+
+    (default,) = secret_rules({})
+    assert default["verbs"] == ["get"] and "resourceNames" not in default
+    (named,) = secret_rules(VALUE_SETS["analyzer-secret-names"])
+    assert named["verbs"] == ["get"]
+    assert named["resourceNames"] == ["on-call-url", "teams.url"]
+    release = render(VALUE_SETS["analyzer-secret-names"])
+    _, pod = release.pod_running("analyzer")
+    access = Access(release, service_account=pod["serviceAccountName"], namespace=release.namespace)
+    assert access.allows(Use("", "secrets", "get", "team-a", "on-call-url"))
+    assert not access.allows(Use("", "secrets", "get", "team-a", "db-password"))
+    assert not access.allows(Use("", "secrets", "list", "team-a", None))
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)

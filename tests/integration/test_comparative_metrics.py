@@ -156,7 +156,7 @@ def judged(batcher: MetricBatcher, spec: CanarySpec, at: datetime) -> MetricResu
             ALONE_AT,
             "no-data",
             None,
-            "no values found for metric request-success-rate of the primary",
+            "no data for metric request-success-rate of the primary",
             id="primary-without-data",
         ),
         pytest.param(
@@ -164,7 +164,7 @@ def judged(batcher: MetricBatcher, spec: CanarySpec, at: datetime) -> MetricResu
             ALONE_AT,
             "no-data",
             None,
-            "no values found for metric request-duration of the primary",
+            "no data for metric request-duration of the primary",
             id="primary-without-latency-data",
         ),
     ],
@@ -268,7 +268,7 @@ def test_provider_compare_gives_the_same_verdicts(provider: PrometheusProvider) 
             error_rate(thresholdRange={"min": 99}),
             ALONE_AT,
             "no-data",
-            "no values found for metric request-success-rate of the primary",
+            "no data for metric request-success-rate of the primary",
             id="range-passes-primary-without-data",
         ),
         pytest.param(
@@ -323,8 +323,7 @@ def test_step_treats_a_primary_without_data_as_a_failed_check(batcher: MetricBat
         "test", spec, metric, target="podinfo-canary", primary="podinfo", at=ALONE_AT
     )
     assert halt_lines(spec, (result,)) == [
-        "Halt podinfo.test advancement "
-        "no values found for metric request-success-rate of the primary"
+        "Halt podinfo.test advancement no data for metric request-success-rate of the primary"
     ]
 
 
@@ -374,10 +373,8 @@ RELATIVE_PASS = result("pass", "error rate 0.50% against the primary's 0.20%", 9
 RELATIVE_FAIL = result(
     "fail", "error rate 3.10% is 2.9 points above the primary's 0.20% (max 1 point)"
 )
-CANARY_NO_DATA = result("no-data", "no values found for metric request-success-rate", None)
-PRIMARY_NO_DATA = result(
-    "no-data", "no values found for metric request-success-rate of the primary", None
-)
+CANARY_NO_DATA = result("no-data", "no data for metric request-success-rate", None)
+PRIMARY_NO_DATA = result("no-data", "no data for metric request-success-rate of the primary", None)
 DOWN = result("error", "Prometheus query failed: cannot connect to http://p:9090: refused", None)
 
 

@@ -24,10 +24,9 @@ import requests
 
 from analyzer.gates import post_event, run_gates
 from analyzer.notify import (
-    GenericWebhookNotifier,
+    ChatNotifier,
     Notifications,
     Route,
-    SlackNotifier,
     spec_context,
 )
 from certs.issue import issue
@@ -386,7 +385,9 @@ def test_slack_receives_the_message(
     receivers: Callable[..., Receiver], notifications: list[Notifications]
 ) -> None:
     slack = receivers(answer(200, b"ok"))
-    sender = Notifications([Route(SlackNotifier(slack.url + "services/T/B/X", channel="#rel"))])
+    sender = Notifications(
+        [Route(ChatNotifier("slack", slack.url + "services/T/B/X", channel="#rel"))]
+    )
     notifications.append(sender)
     message = "Rolling back podinfo.test failed checks threshold reached 10"
     sender.send("failed", message, **context())
@@ -413,7 +414,7 @@ def test_generic_webhook_receives_its_json(
     receivers: Callable[..., Receiver], notifications: list[Notifications]
 ) -> None:
     sink = receivers(answer(204))
-    sender = Notifications([Route(GenericWebhookNotifier(sink.url))])
+    sender = Notifications([Route(ChatNotifier("generic", sink.url))])
     notifications.append(sender)
     sender.send("promoted", "Promotion completed! Scaling down podinfo-canary.test", **context())
     assert sender.flush(15)
@@ -465,7 +466,7 @@ def test_a_hanging_notifier_never_delays_send_and_flush_keeps_its_deadline(
 ) -> None:
     stuck = receivers(hang)
     secret_url = stuck.url + "services/T000/B000/SECRET"
-    sender = Notifications([Route(SlackNotifier(secret_url, timeout=1.0))])
+    sender = Notifications([Route(ChatNotifier("slack", secret_url, timeout=1.0))])
     notifications.append(sender)
     with caplog.at_level(logging.WARNING, logger="perch.analyzer.notify"):
         started = time.monotonic()
@@ -489,7 +490,7 @@ def test_an_unreachable_notifier_does_not_leak_its_url(
     notifications: list[Notifications], caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}/services/T000/B000/SECRET"
-    sender = Notifications([Route(SlackNotifier(url))])
+    sender = Notifications([Route(ChatNotifier("slack", url))])
     notifications.append(sender)
     with caplog.at_level(logging.WARNING, logger="perch.analyzer.notify"):
         sender.send("failed", "Rolling back", canary="podinfo", namespace="test")

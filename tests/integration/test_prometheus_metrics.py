@@ -8,28 +8,52 @@ answers in its place: the outcome must be "error" within the provider's timeout,
 
 from __future__ import annotations
 
+import base64
 import http.server
+import ipaddress
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from analyzer.metrics import PrometheusProvider, ProviderSettings, QuerySetName, create_provider
-from analyzer.model import MetricResult
-from perch.spec import CrossNamespaceRef, FrozenDict, Metric, ThresholdRange, parse_spec
+from analyzer.metrics import (
+    PrometheusProvider,
+    ProviderSettings,
+    QueryError,
+    QuerySetName,
+    create_provider,
+)
+from analyzer.metrics.resolver import TemplateResolver
+from analyzer.model import Event, MetricResult, Observations, Workload
+from analyzer.service import MetricBatcher
+from analyzer.step import step
+from certs.issue import IssuedCertificate, issue
+from perch.spec import (
+    CanarySpec,
+    CrossNamespaceRef,
+    FrozenDict,
+    Metric,
+    ThresholdRange,
+    parse_spec,
+)
+from perch.status import analysis_started, initialized
 from tests.seed import SEED_SPEC_CURRENT, SEED_SPEC_EARLY
 from tests.support.prometheus import (
+    BearerProxy,
     PrometheusServer,
     Traffic,
+    WebConfig,
     envoy_openmetrics,
     istio_openmetrics,
     missing_binaries,
@@ -161,20 +185,50 @@ def test_a_window_without_traffic_is_no_data(provider: PrometheusProvider) -> No
         result = provider.evaluate_one("test", metric, "podinfo-canary", at=BEFORE_ANY_DATA)
         assert result.outcome == "no-data"
         assert result.value is None
-        assert result.message == f"no values found for metric {metric.name}"
+        assert result.message == f"no data for metric {metric.name}"
 
 
 def test_a_workload_prometheus_never_saw_is_no_data(provider: PrometheusProvider) -> None:
     result = provider.evaluate_one("test", success_rate(), "nobody-canary", at=HEALTHY_AT)
     assert result.outcome == "no-data"
-    assert result.message == "no values found for metric request-success-rate"
+    assert result.message == "no data for metric request-success-rate"
 
 
-def test_a_canary_answering_only_500s_is_never_a_pass(provider: PrometheusProvider) -> None:
-    # Flagger's query has no non-5xx series to divide: no value, reported as no data (which the
-    # analyzer fails by default), not as a success rate.
-    result = provider.evaluate_one("shop", success_rate(), "broken-canary", at=HEALTHY_AT)
-    assert result.outcome == "no-data"
+@pytest.mark.parametrize("query_set", ["istio", "envoy"])
+def test_a_canary_answering_only_500s_reads_0_percent_not_no_data(
+    provider: PrometheusProvider, query_set: QuerySetName
+) -> None:
+    # Flagger's query has no non-5xx series to divide, so it has no value at all: "no values
+    # found", for the worst canary there is. The guarded numerator makes it 0 %, alone and in
+    # the batched query (where the other canaries keep their own rates).
+    alone = provider.evaluate_one(
+        "shop", success_rate(), "broken-canary", at=HEALTHY_AT, query_set=query_set
+    )
+    batched = provider.evaluate(
+        "shop",
+        success_rate(),
+        ["broken-canary", "frontend-canary", "idle-canary"],
+        at=HEALTHY_AT,
+        query_set=query_set,
+    )
+    for result in (alone, batched["broken-canary"]):
+        assert (result.outcome, result.value) == ("fail", 0.0)
+        assert result.message == "success rate 0.00% < 99%"
+    assert batched["frontend-canary"].value == pytest.approx(99.8)
+    # No request at all is still no data: the guard only fills in where requests were made.
+    assert batched["idle-canary"].outcome == "no-data"
+
+
+def test_flaggers_unguarded_query_has_no_value_for_that_canary(
+    provider: PrometheusProvider,
+) -> None:
+    flagger = (
+        'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace='
+        '"shop",destination_workload=~"broken-canary",response_code!~"5.*"}[1m])) / '
+        'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace='
+        '"shop",destination_workload=~"broken-canary"}[1m])) * 100'
+    )
+    assert provider.query(flagger, at=HEALTHY_AT) == []
 
 
 # --- batching --------------------------------------------------------------------------------
@@ -203,7 +257,7 @@ def test_one_query_serves_every_canary_in_the_namespace(
     }
     assert rates["frontend-canary"].value == pytest.approx(99.8)
     assert rates["cart-canary"].message == "success rate 61.39% < 99%"
-    assert rates["idle-canary"].message == "no values found for metric request-success-rate"
+    assert rates["idle-canary"].message == "no data for metric request-success-rate"
     assert {name: r.outcome for name, r in latencies.items()} == {
         "frontend-canary": "pass",
         "cart-canary": "pass",
@@ -271,7 +325,7 @@ def test_comparison_without_primary_data_is_no_data(provider: PrometheusProvider
         "shop", success_rate(), canary="cart-canary", primary="cart", max_delta=1, at=HEALTHY_AT
     )
     assert result.outcome == "no-data"
-    assert result.message == "no values found for metric request-success-rate of the primary"
+    assert result.message == "no data for metric request-success-rate of the primary"
 
 
 # --- custom queries --------------------------------------------------------------------------
@@ -319,7 +373,10 @@ def test_template_ref_uses_the_template_text_the_caller_resolved(
     assert result.message == "error-percent 38.61 > 2"
     missing = provider.evaluate_one("shop", metric, "cart-canary", at=HEALTHY_AT)
     assert missing.outcome == "error"
-    assert missing.message == "metric template error-percent.shop is not available"
+    assert (
+        missing.message
+        == "metric error-percent: MetricTemplate error-percent.shop is not available"
+    )
 
 
 def test_unknown_placeholder_is_an_error_before_any_query(provider: PrometheusProvider) -> None:
@@ -517,3 +574,274 @@ def test_an_answer_that_is_not_prometheus_json_is_an_error() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- MetricTemplates: a Prometheus that requires basic auth and TLS ---------------------------
+#
+# The server runs with a --web.config.file (bcrypt-hashed basic auth users, a certificate from
+# certs.issue for 127.0.0.1 signed by a CA of its own). A template names it with a Secret holding
+# Flagger's keys; the analyzer's MetricBatcher resolves the template (TemplateResolver) and sends
+# the query there. The API side (the watch cache, the Secret's GET, RBAC) is shown on a real
+# control plane in tests/cluster/test_metric_templates.py; here the templates and Secrets come
+# from memory.
+
+USER, PASSWORD, TOKEN = "perch", "correct horse battery", "ey.perch-test-token"
+
+
+def b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class Templates:
+    """MetricTemplates by (namespace, name), as the analyzer's watch cache hands them out."""
+
+    def __init__(self) -> None:
+        self.objs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(self, namespace: str, name: str, *, query: str, **provider: Any) -> None:
+        self.objs[(namespace, name)] = {
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"provider": provider, "query": query},
+        }
+
+    def get(self, namespace: str, name: str, *, kind: Any = "MetricTemplate") -> Any:
+        return self.objs.get((namespace, name))
+
+    def covers(self, namespace: str) -> bool:
+        return True
+
+
+class Secrets:
+    """Secrets by name; an int answers with that HTTP status (403: not granted)."""
+
+    def __init__(self, **secrets: dict[str, str] | int) -> None:
+        self.secrets = secrets
+
+    def get(self, res: Any, namespace: str, name: str) -> Any:
+        found = self.secrets.get(name)
+        if isinstance(found, int):
+            raise ApiException(status=found, reason="Forbidden")
+        return None if found is None else {"data": found}
+
+
+@dataclass
+class Secured:
+    server: PrometheusServer
+    tls: IssuedCertificate
+    proxy: BearerProxy
+
+    def auth(self, password: str = PASSWORD, *, ca: bool = True) -> dict[str, str]:
+        data = {"username": b64(USER), "password": b64(password)}
+        if ca:
+            data["ca.crt"] = b64(self.tls.ca_crt)
+        return data
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    tls = issue(
+        service="prometheus", namespace="monitoring", ips=[ipaddress.ip_address("127.0.0.1")]
+    )
+    server = PrometheusServer(
+        tmp_path_factory.mktemp("secured"), web=WebConfig(users={USER: PASSWORD}, tls=tls)
+    )
+    server.backfill(istio_openmetrics(SHOP_TRAFFIC, start=T0, end=T0 + WINDOW))
+    server.start()
+    proxy = BearerProxy(server, token=TOKEN).start()
+    yield Secured(server, tls, proxy)
+    proxy.stop()
+    server.stop()
+
+
+def template_metric(
+    name: str = "error-percent", *, namespace: str | None = None, **variables: str
+) -> Metric:
+    return Metric(
+        name="error-percent",
+        template_ref=CrossNamespaceRef(name=name, namespace=namespace),
+        template_variables=FrozenDict(variables or {"codes": "5.."}),
+        interval="1m",
+        threshold_range=ThresholdRange(max=2),
+    )
+
+
+SHOP_SPEC = parse_spec("service: {port: 9898}\nanalysis: {threshold: 3}\n")
+
+
+def judged_with(
+    provider: PrometheusProvider, templates: Templates, secrets: Secrets, metric: Metric,
+    target: str = "cart-canary",
+) -> tuple[MetricResult, TemplateResolver]:  # fmt: skip
+    resolver = TemplateResolver(
+        templates=templates, secrets=secrets, default=ProviderSettings(provider.url)
+    )
+    batcher = MetricBatcher(provider, canaries=lambda ns: [target], templates=resolver)
+    return batcher.evaluate("shop", SHOP_SPEC, metric, target=target, at=HEALTHY_AT), resolver
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_prometheus_refuses_a_client_without_the_password_or_the_ca(secured: Secured) -> None:
+    # The web config is in force: what the templates below pass, a plain client does not.
+    plain = PrometheusProvider(secured.server.url, timeout_seconds=5)
+    with pytest.raises(QueryError, match="CERTIFICATE_VERIFY_FAILED"):
+        plain.query("vector(1)")
+    insecure = PrometheusProvider(secured.server.url, verify_tls=False)
+    with pytest.raises(QueryError, match="HTTP 401: Unauthorized"):
+        insecure.query("vector(1)")
+
+
+@pytest.mark.parametrize("where", ["shop", "monitoring"])
+def test_a_template_with_variables_behind_basic_auth_and_tls_is_judged(
+    provider: PrometheusProvider, secured: Secured, where: str
+) -> None:
+    templates = Templates()
+    # In the canary's namespace, or in another one (its Secret lives beside it, as in Flagger).
+    templates.add(
+        where, "error-percent", query=ERROR_PERCENT, type="prometheus",
+        address=secured.server.url, secretRef={"name": "prom-auth"},
+    )  # fmt: skip
+    metric = template_metric(namespace=None if where == "shop" else where)
+    before = provider.calls
+    result, resolver = judged_with(
+        provider, templates, Secrets(**{"prom-auth": secured.auth()}), metric
+    )
+    assert (result.outcome, result.message) == ("fail", "error-percent 38.61 > 2")
+    assert result.value == pytest.approx(38.61)
+    # It went to the template's server, not to the analyzer's own Prometheus.
+    assert provider.calls == before
+    assert resolver.calls == 1
+    healthy, _ = judged_with(
+        provider, templates, Secrets(**{"prom-auth": secured.auth()}), metric, "frontend-canary"
+    )
+    assert healthy.outcome == "pass" and healthy.value == pytest.approx(0.2)
+    resolver.close()
+
+
+def test_a_bearer_token_reaches_a_server_behind_a_token_proxy(
+    provider: PrometheusProvider, secured: Secured
+) -> None:
+    templates = Templates()
+    templates.add(
+        "shop", "error-percent", query=ERROR_PERCENT, address=secured.proxy.url,
+        secretRef={"name": "prom-token"},
+    )  # fmt: skip
+    refused = secured.proxy.refused
+    secrets = Secrets(**{"prom-token": {"token": b64(TOKEN + "\n")}})
+    result, _ = judged_with(provider, templates, secrets, template_metric())
+    assert result.message == "error-percent 38.61 > 2"
+    assert secured.proxy.refused == refused
+    wrong = Secrets(**{"prom-token": {"token": b64("ey.someone-else")}})
+    result, _ = judged_with(provider, templates, wrong, template_metric())
+    assert (result.outcome, result.message) == (
+        "error",
+        "Prometheus query failed: HTTP 401: Unauthorized",
+    )
+    assert secured.proxy.refused == refused + 1
+
+
+@pytest.mark.parametrize(
+    ("secret", "insecure", "outcome", "fragment"),
+    [
+        pytest.param("wrong password", False, "error", "Prometheus query failed: HTTP 401: Unauthorized", id="wrong-password"),
+        pytest.param("no ca", False, "error", "CERTIFICATE_VERIFY_FAILED", id="untrusted-ca"),
+        pytest.param("no ca", True, "fail", "error-percent 38.61 > 2", id="insecure-skip-verify"),
+    ],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_wrong_credentials_or_an_untrusted_ca_fail_the_check_never_pass(
+    provider: PrometheusProvider, secured: Secured, secret: str, insecure: bool, outcome: str,
+    fragment: str,
+) -> None:  # fmt: skip
+    templates = Templates()
+    templates.add(
+        "shop", "error-percent", query=ERROR_PERCENT, address=secured.server.url,
+        secretRef={"name": "prom-auth"}, insecureSkipVerify=insecure,
+    )  # fmt: skip
+    data = secured.auth("nope") if secret == "wrong password" else secured.auth(ca=False)
+    result, _ = judged_with(provider, templates, Secrets(**{"prom-auth": data}), template_metric())
+    assert result.outcome == outcome
+    assert fragment in result.message
+
+
+@pytest.mark.parametrize(
+    ("case", "halt"),
+    [
+        pytest.param(
+            "missing",
+            "metric error-percent: MetricTemplate error-percent.shop not found",
+            id="missing-template",
+        ),
+        pytest.param(
+            "unknown-variable",
+            "metric error-percent: MetricTemplate error-percent.shop: unknown placeholder "
+            "{{ variables.codes }} (known: interval, name, namespace, target, variables.code)",
+            id="unknown-variable",
+        ),
+        pytest.param(
+            "forbidden",
+            "metric error-percent: cannot read Secret prom-auth.shop of MetricTemplate "
+            "error-percent.shop: Kubernetes API answered 403 Forbidden (the analyzer may read "
+            "only the Secrets the chart names in analyzer.secretNames)",
+            id="secret-not-granted",
+        ),
+        pytest.param(
+            "no-password",
+            "metric error-percent: Secret prom-auth.shop of MetricTemplate error-percent.shop: "
+            "it has a username but no password",
+            id="secret-without-password",
+        ),
+    ],
+)
+def test_a_template_that_cannot_be_used_halts_saying_which_and_sends_no_query(
+    provider: PrometheusProvider, secured: Secured, case: str, halt: str
+) -> None:
+    templates = Templates()
+    if case != "missing":
+        templates.add(
+            "shop", "error-percent", query=ERROR_PERCENT, address=secured.server.url,
+            secretRef={"name": "prom-auth"},
+        )  # fmt: skip
+    secret: dict[str, str] | int = secured.auth()
+    if case == "forbidden":
+        secret = 403
+    elif case == "no-password":
+        secret = {"username": b64(USER)}
+    metric = template_metric(code="5..") if case == "unknown-variable" else template_metric()
+    result, resolver = judged_with(provider, templates, Secrets(**{"prom-auth": secret}), metric)
+    assert (result.outcome, result.value, result.message) == ("error", None, halt)
+    assert resolver.calls == 0
+    spec = parse_spec(
+        "service: {port: 9898}\nanalysis:\n  threshold: 3\n  metrics:\n"
+        "  - {name: error-percent, templateRef: {name: error-percent}, thresholdRange: {max: 2}}\n"
+    )
+    assert halt_lines(spec, (result,)) == [f"Halt podinfo.test advancement {halt}"]
+
+
+def test_a_canary_answering_only_500s_halts_at_0_percent(provider: PrometheusProvider) -> None:
+    spec = parse_spec(
+        "service: {port: 9898}\nanalysis:\n  threshold: 3\n  metrics:\n"
+        "  - {name: request-success-rate, thresholdRange: {min: 99}}\n"
+    )
+    batcher = MetricBatcher(provider, canaries=lambda ns: ["broken-canary", "frontend-canary"])
+    (metric,) = spec.analysis.metrics
+    result = batcher.evaluate("shop", spec, metric, target="broken-canary", at=HEALTHY_AT)
+    assert halt_lines(spec, (result,)) == ["Halt podinfo.test advancement success rate 0.00% < 99%"]
+
+
+def halt_lines(spec: CanarySpec, results: tuple[MetricResult, ...]) -> list[str]:
+    """The warnings step() emits for a canary at 10 % whose interval has elapsed; it never
+    advances on them."""
+    begun = analysis_started(initialized(revision="v1-stable", at=T0), revision="v1-new", at=T0)
+    status = replace(begun, canary_weight=10, analysed_revision="v1-new")
+    ready = Workload(desired=2, ready=2, updated=2, rolled_out=True, revision="v1-new")
+    obs = Observations(
+        now=T0 + timedelta(minutes=5),
+        canary=ready,
+        primary=replace(ready, revision="v1-stable"),
+        route_weights=(90, 10),
+        metrics=results,
+    )
+    after, actions = step(spec, status, obs, name="podinfo", namespace="test")
+    assert after.canary_weight == 10
+    assert after.failed_checks == 1
+    return [a.message for a in actions if isinstance(a, Event) and a.type == "Warning"]

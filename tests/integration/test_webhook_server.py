@@ -117,6 +117,41 @@ def test_tls_1_1_handshake_is_refused_and_1_2_accepted(server: Server) -> None:
     assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
 
 
+@pytest.mark.parametrize(
+    ("cipher", "accepted"),
+    [
+        ("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256", True),
+        ("ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-CHACHA20-POLY1305", True),
+        ("ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA", False),  # CBC
+        ("ECDHE-RSA-AES256-SHA384:ECDHE-ECDSA-AES256-SHA384", False),  # CBC
+        ("AES128-GCM-SHA256:AES256-GCM-SHA384", False),  # no forward secrecy
+        ("DHE-RSA-AES128-GCM-SHA256", False),  # finite-field DHE
+    ],
+)
+def test_tls_1_2_takes_only_forward_secret_aead_ciphers(
+    server: Server, cipher: str, accepted: bool
+) -> None:
+    context = server.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(f"{cipher}:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        if not accepted:
+            with pytest.raises(ssl.SSLError, match=r"HANDSHAKE_FAILURE|NO_SHARED_CIPHER"):
+                context.wrap_socket(raw, server_hostname="127.0.0.1")
+            return
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.2"
+            assert tls.cipher()[0] in cipher.split(":")
+
+
+def test_tls_1_3_is_accepted_and_preferred(server: Server) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw,
+        server.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
+
+
 # --- /mutate: what the shell refuses --------------------------------------------------------
 
 
@@ -319,10 +354,17 @@ class KeepAliveClient:
     serials: set[int] = field(default_factory=set)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    # False: a new TLS connection (and handshake) for every request, as a client without
+    # keep-alive, or the API server after an idle timeout, meets a rotation.
+    keep_alive: bool = True
+
     def run(self) -> None:
         conn = self.server.connection()
         try:
             while not self.stop.is_set():
+                if not self.keep_alive:
+                    conn.close()
+                    conn = self.server.connection()
                 uid = str(uuid.uuid4())
                 try:
                     conn.request(
@@ -370,7 +412,9 @@ def test_certificate_reload_keeps_connections_and_serves_the_new_certificate(
     old_serial, new_serial = server.certs.serial, upcoming.serial
     assert old_serial != new_serial
     clients = [KeepAliveClient(server) for _ in range(4)]
-    threads = [threading.Thread(target=client.run) for client in clients]
+    # Under load, new connections too: they must get one certificate or the other, never fail.
+    reconnecting = [KeepAliveClient(server, keep_alive=False) for _ in range(2)]
+    threads = [threading.Thread(target=client.run) for client in [*clients, *reconnecting]]
     for thread in threads:
         thread.start()
     try:
@@ -421,11 +465,14 @@ def test_certificate_reload_keeps_connections_and_serves_the_new_certificate(
             server=server,
         )
     finally:
-        for client in clients:
+        for client in [*clients, *reconnecting]:
             client.stop.set()
         for thread in threads:
             thread.join(timeout=60)
 
+    for client in reconnecting:
+        assert client.failures == []
+        assert client.serials == {old_serial, new_serial}
     for client in clients:
         assert client.failures == []
         # Each client kept its one connection, and with it the certificate it started with.

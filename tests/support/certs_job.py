@@ -47,6 +47,7 @@ from tests.support.chart import Access, Release, Use, render
 from tests.support.controlplane import ControlPlane, repoint
 from tests.support.install import apply, kubeconfig_for
 from tests.support.kubelet import wait_for
+from tests.support.relay import splice
 from tests.support.webhook_server import (
     NOT_READY_FILE_ENV,
     PERCH_APP,
@@ -517,22 +518,11 @@ class Relay:
             self._start(down, up)
 
     def _start(self, down: socket.socket, up: socket.socket) -> None:
-        for src, dst in ((down, up), (up, down)):
-            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+        splice(down, up, closed=self._closed_pair)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for conn in (src, dst):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            with self._lock:
-                self._open -= {src, dst}
+    def _closed_pair(self, pair: set[socket.socket]) -> None:
+        with self._lock:
+            self._open -= pair
 
 
 # --- between a read and a write -------------------------------------------------------------------

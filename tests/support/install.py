@@ -24,6 +24,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.support import secrets
 from tests.support.chart import NAMESPACE, RELEASE, Release, render
 from tests.validation import SCHEMAS
 
@@ -162,6 +163,7 @@ def kubeconfig_for(
         "current-context": user,
     }
     out.write_text(yaml.safe_dump(config))
+    secrets.remember(answer.status.token)
     return Identity(service_account, namespace, out)
 
 

@@ -14,6 +14,12 @@ the same numbers on every run, whatever the clock says.
 ``scrape("127.0.0.1:PORT")`` adds a scrape target (a local exporter) instead, reloading the
 configuration of a running server through ``/-/reload``.
 
+``PrometheusServer(dir, web=WebConfig(users={"perch": "secret"}, tls=issued))`` starts it with a
+``--web.config.file`` that requires HTTP basic auth (bcrypt hashes of the passwords) and serves
+TLS with a certificate from ``certs.issue.issue`` (``url`` is then ``https://``); ``requests_args``
+is what a client needs to be let in. Prometheus itself has no bearer tokens: ``BearerProxy`` puts
+a token check in front of a server, as kube-rbac-proxy or an API gateway does in a cluster.
+
 The generators write Istio's (and Envoy's) series the way the mesh exports them: counters that
 grow by requests per second times the step, and latency histograms with Istio's buckets.
 """
@@ -25,16 +31,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
+import bcrypt
 import requests
+
+from certs.issue import IssuedCertificate
 
 # Generous upper bounds; deadlines for a broken setup, never measurements.
 START_DEADLINE = 60.0
@@ -86,24 +97,77 @@ class PrometheusError(RuntimeError):
     """The server or promtool failed; the message carries their output."""
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """What ``--web.config.file`` asks of every client: basic auth (user → password), TLS."""
+
+    users: Mapping[str, str] = field(default_factory=dict)
+    tls: IssuedCertificate | None = None
+
+    def write(self, directory: Path) -> Path:
+        lines: list[str] = []
+        if self.tls is not None:
+            (directory / "tls.crt").write_bytes(self.tls.tls_crt)
+            (directory / "tls.key").write_bytes(self.tls.tls_key)
+            (directory / "ca.crt").write_bytes(self.tls.ca_crt)
+            lines += ["tls_server_config:", "  cert_file: tls.crt", "  key_file: tls.key"]
+        if self.users:
+            lines.append("basic_auth_users:")
+            for user, password in self.users.items():
+                # Go's bcrypt minimum cost: the check runs on every request of the test.
+                hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+                lines.append(f"  {user}: {hashed!r}")
+        path = directory / "web.yml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
 class PrometheusServer:
     """One Prometheus process on 127.0.0.1 with its own config and data dir under ``directory``."""
 
-    def __init__(self, directory: Path, *, scrape_interval: str = "1s") -> None:
+    def __init__(
+        self, directory: Path, *, scrape_interval: str = "1s", web: WebConfig | None = None
+    ) -> None:
         self.directory = directory
         self.data_dir = directory / "data"
         self.config_file = directory / "prometheus.yml"
         self.log_file = directory / "prometheus.log"
         self.scrape_interval = scrape_interval
+        self.web = web
         self.port = free_port()
         self._targets: list[tuple[str, str]] = []
         self._process: subprocess.Popen[bytes] | None = None
         self._backfills = 0
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.web_config_file = web.write(directory) if web is not None else None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.web is not None and self.web.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA that issued the server's certificate (None without TLS)."""
+        return self.directory / "ca.crt" if self.web is not None and self.web.tls else None
+
+    @property
+    def requests_args(self) -> dict[str, Any]:
+        """``auth`` and ``verify`` for requests, so that the test itself is let in."""
+        args: dict[str, Any] = {}
+        if self.web is not None and self.web.users:
+            args["auth"] = next(iter(self.web.users.items()))
+        if self.ca_file is not None:
+            args["verify"] = str(self.ca_file)
+        return args
+
+    def query(self, promql: str) -> list[Any]:
+        """An instant query now, as the test's own client: the answer's ``data.result``."""
+        answer = requests.get(
+            f"{self.url}/api/v1/query", params={"query": promql}, timeout=10, **self.requests_args
+        )
+        answer.raise_for_status()
+        return list(answer.json()["data"]["result"])
 
     @property
     def running(self) -> bool:
@@ -139,7 +203,9 @@ class PrometheusServer:
         self._targets.append((job, target))
         if self.running:
             self._write_config()
-            response = requests.post(f"{self.url}/-/reload", timeout=STOP_DEADLINE)
+            response = requests.post(
+                f"{self.url}/-/reload", timeout=STOP_DEADLINE, **self.requests_args
+            )
             if response.status_code != 200:
                 raise PrometheusError(f"reload failed: {response.status_code} {response.text}")
         return self
@@ -167,6 +233,7 @@ class PrometheusServer:
         if self.running:
             return self
         self._write_config()
+        web = [f"--web.config.file={self.web_config_file}"] if self.web_config_file else []
         log = self.log_file.open("ab")
         try:
             self._process = subprocess.Popen(
@@ -178,6 +245,7 @@ class PrometheusServer:
                     f"--web.listen-address=127.0.0.1:{self.port}",
                     "--web.enable-lifecycle",
                     "--log.level=warn",
+                    *web,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -197,7 +265,8 @@ class PrometheusServer:
             if not self.running:
                 raise PrometheusError(f"prometheus exited at start:\n{self.log()}")
             try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                ready = requests.get(f"{self.url}/-/ready", timeout=2, **self.requests_args)
+                if ready.status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -241,6 +310,70 @@ class PrometheusServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class BearerProxy:
+    """A token check in front of a Prometheus server: requests with ``Authorization: Bearer
+    <token>`` are forwarded (with what the server itself asks for), the rest get 401."""
+
+    def __init__(self, upstream: PrometheusServer, *, token: str) -> None:
+        self.upstream = upstream
+        self.token = token
+        self.port = free_port()
+        self.refused = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+            def _forward(self, method: str) -> None:
+                if self.headers.get("Authorization") != f"Bearer {proxy.token}":
+                    proxy.refused += 1
+                    self._answer(401, b"Unauthorized\n", "text/plain")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                answer = requests.request(
+                    method,
+                    f"{proxy.upstream.url}{self.path}",
+                    data=self.rfile.read(length) if length else None,
+                    headers={"Content-Type": self.headers.get("Content-Type", "")},
+                    timeout=STOP_DEADLINE,
+                    **proxy.upstream.requests_args,
+                )
+                self._answer(
+                    answer.status_code,
+                    answer.content,
+                    answer.headers.get("Content-Type", "application/json"),
+                )
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                del format, args
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # --------------------------------------------------------------------------------------------

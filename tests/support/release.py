@@ -34,6 +34,7 @@ from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.speccache import cached_parse_spec
 from tests.seed import IMAGE_NEW, SEED_SPEC_EARLY, podinfo
+from tests.support import secrets
 from tests.support.controlplane import ControlPlane
 from tests.support.install import Installed
 from tests.support.kubelet import FakeKubelet
@@ -107,6 +108,8 @@ class Release:
     loadtester: Recorder = field(default_factory=lambda: Recorder().start())
     analyzers: list[Analyzer] = field(default_factory=list)
     weights_seen: list[tuple[int, int]] = field(default_factory=list)
+    # Every version of the route object the watch saw (its spec changes), in order.
+    routes_seen: list[dict[str, Any]] = field(default_factory=list)
     # The primary's pod template revisions, in the order the API server stored them.
     primary_revisions_seen: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -323,18 +326,24 @@ class Release:
 
     # --- the analyzer ---------------------------------------------------------------------------
 
-    def start_analyzer(self, *extra: str, env: dict[str, str] | None = None) -> Analyzer:
+    def start_analyzer(
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        prometheus: str | None = None,
+        namespaces: tuple[str, ...] = (),
+    ) -> Analyzer:
         port = free_port()
         log = self.tmp / f"analyzer-{len(self.analyzers)}.log"
+        watched = [arg for ns in (self.namespace, *namespaces) for arg in ("--namespace", ns)]
         process = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("perch-analyzer")),
                 "--prometheus-url",
-                self.perch.prometheus.url,
+                prometheus or self.perch.prometheus.url,
                 "--prometheus-timeout",
                 "2",
-                "--namespace",
-                self.namespace,
+                *watched,
                 "--metrics-bind",
                 f"127.0.0.1:{port}",
                 "--resync-seconds",
@@ -351,6 +360,7 @@ class Release:
             cwd=REPO,
         )
         analyzer = Analyzer(process, log, port)
+        secrets.log_file(log)
         self.analyzers.append(analyzer)
         return analyzer
 
@@ -477,6 +487,8 @@ class Release:
     def _saw(self, route: dict[str, Any]) -> None:
         if route["metadata"]["name"] != self.name:
             return
+        if not self.routes_seen or self.routes_seen[-1].get("spec") != route.get("spec"):
+            self.routes_seen.append(route)
         with contextlib.suppress(Exception):
             got = self.weights(route)
             if got is not None and (not self.weights_seen or self.weights_seen[-1] != got):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -106,3 +107,27 @@ def test_denial_has_status_message():
 
 def test_pointer_escapes():
     assert pointer("a/b", "c~d") == "/a~1b/c~0d"
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [
+        (("metadata", "annotations"), ["a", "b"], "request.object.metadata.annotations must be"),
+        (("metadata", "labels"), {"app": 1}, "request.object.metadata.labels['app'] must be"),
+        (("spec",), [], "request.object.spec must be"),
+        (("spec", "template"), [[]], "request.object.spec.template must be"),
+        (
+            ("spec", "template", "metadata", "annotations"),
+            "x",
+            "request.object.spec.template.metadata.annotations must be",
+        ),
+    ],
+)
+def test_an_object_of_the_wrong_shape_is_malformed_naming_the_path(where, value, named):
+    body = admission_review(operation="UPDATE", obj=podinfo(), old=podinfo())
+    target = body["request"]["object"]
+    for key in where[:-1]:
+        target = target.setdefault(key, {})
+    target[where[-1]] = value
+    with pytest.raises(MalformedReview, match=re.escape(named)):
+        parse_review(body)

@@ -28,12 +28,11 @@ from analyzer.model import GateResult, NotificationKind
 from analyzer.notify import (
     KIND_SEVERITY,
     NOTIFIER_TYPES,
-    GenericWebhookNotifier,
+    ChatNotifier,
     Notification,
     Notifications,
     NotifyError,
     Route,
-    SlackNotifier,
     generic_payload,
     kinds_for,
     notifier_for,
@@ -402,8 +401,8 @@ def test_settings_configure_slack_and_generic_for_every_kind() -> None:
         }
     )
     assert [route.notifier for route in routes] == [
-        SlackNotifier(SLACK, channel="#deploys"),
-        GenericWebhookNotifier("http://audit.example/perch"),
+        ChatNotifier("slack", SLACK, channel="#deploys"),
+        ChatNotifier("generic", "http://audit.example/perch"),
     ]
     assert all(route.kinds == {"started", "halted", "failed", "promoted"} for route in routes)
 

@@ -24,13 +24,16 @@ from perch.spec import Metric, ThresholdRange, parse_spec
 from tests.seed import SEED_SPEC_CURRENT, SEED_SPEC_EARLY
 
 # Flagger's queries (pkg/metrics/observers/istio.go) rendered for Perch's canary of podinfo.test,
-# whitespace collapsed.
-FLAGGER_SUCCESS_RATE = (
+# whitespace collapsed. Its success rate is FLAGGER_NON_5XX / FLAGGER_ALL * 100.
+FLAGGER_NON_5XX = (
     'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace="test",'
-    'destination_workload=~"podinfo-canary",response_code!~"5.*"}[1m])) / '
-    'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace="test",'
-    'destination_workload=~"podinfo-canary"}[1m])) * 100'
+    'destination_workload=~"podinfo-canary",response_code!~"5.*"}[1m]))'
 )
+FLAGGER_ALL = (
+    'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace="test",'
+    'destination_workload=~"podinfo-canary"}[1m]))'
+)
+FLAGGER_SUCCESS_RATE = f"{FLAGGER_NON_5XX} / {FLAGGER_ALL} * 100"
 FLAGGER_DURATION = (
     "histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{"
     'reporter="destination",destination_workload_namespace="test",'
@@ -58,11 +61,18 @@ CUSTOM = Metric(
 # --- builtin queries -------------------------------------------------------------------------
 
 
-def test_single_target_success_rate_is_flaggers_query() -> None:
+def guarded(non_5xx: str, every: str) -> str:
+    """Flagger's success rate with Perch's guard: 0 non-5xx, not none, where all were 5xx."""
+    return f"({non_5xx} or {every} * 0) / {every} * 100"
+
+
+def test_single_target_success_rate_is_flaggers_query_with_the_5xx_guard() -> None:
     query = builtin_query(
         "request-success-rate", namespace="test", targets=["podinfo-canary"], interval="1m"
     )
-    assert query.promql == FLAGGER_SUCCESS_RATE
+    # Flagger's two sums, unchanged; only the numerator is guarded.
+    assert query.promql == guarded(FLAGGER_NON_5XX, FLAGGER_ALL)
+    assert query.promql != FLAGGER_SUCCESS_RATE
     assert query.target_label is None
     assert query.scale == 1.0
 
@@ -109,12 +119,14 @@ def test_batched_success_rate_keeps_the_workload_on_both_sides_of_the_division()
     )
     assert query.targets == ("a-canary", "b-canary")
     assert query.target_label == "destination_workload"
-    assert query.promql == (
+    # The guard's zero keeps the workload label too, so it fills in exactly the canaries that
+    # answered only 5xx.
+    assert query.promql == guarded(
         'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace='
         '"test",destination_workload=~"a-canary|b-canary",response_code!~"5.*"}[1m])) '
-        "by (destination_workload) / "
+        "by (destination_workload)",
         'sum(rate(istio_requests_total{reporter="destination",destination_workload_namespace='
-        '"test",destination_workload=~"a-canary|b-canary"}[1m])) by (destination_workload) * 100'
+        '"test",destination_workload=~"a-canary|b-canary"}[1m])) by (destination_workload)',
     )
 
 
@@ -142,10 +154,11 @@ def test_envoy_queries_follow_flaggers_contour_naming_for_the_canary_service() -
         interval="1m",
         query_set=ENVOY,
     )
-    assert single.promql == (
+    assert single.promql == guarded(
         'sum(rate(envoy_cluster_upstream_rq{envoy_cluster_name=~"test_podinfo-canary_'
-        '[0-9a-zA-Z-]+",envoy_response_code!~"5.*"}[1m])) / sum(rate(envoy_cluster_upstream_rq{'
-        'envoy_cluster_name=~"test_podinfo-canary_[0-9a-zA-Z-]+"}[1m])) * 100'
+        '[0-9a-zA-Z-]+",envoy_response_code!~"5.*"}[1m]))',
+        "sum(rate(envoy_cluster_upstream_rq{"
+        'envoy_cluster_name=~"test_podinfo-canary_[0-9a-zA-Z-]+"}[1m]))',
     )
     duration = builtin_query(
         "request-duration",
@@ -336,7 +349,7 @@ def test_no_number_is_no_data_never_a_pass(value: float | None) -> None:
     result = judge(SUCCESS_RATE, value)
     assert result.outcome == "no-data"
     assert result.value is None
-    assert result.message == "no values found for metric request-success-rate"
+    assert result.message == "no data for metric request-success-rate"
 
 
 def test_seed_metrics_are_judged_with_the_builtin_wording() -> None:
@@ -419,11 +432,11 @@ def test_custom_metrics_are_lower_is_better() -> None:
 
 def test_missing_values_are_no_data_and_say_whose() -> None:
     assert judge_relative(None, 99.0, metric=SUCCESS_RATE, max_delta=1).message == (
-        "no values found for metric request-success-rate"
+        "no data for metric request-success-rate"
     )
     result = judge_relative(99.0, math.nan, metric=SUCCESS_RATE, max_delta=1)
     assert result.outcome == "no-data"
-    assert result.message == "no values found for metric request-success-rate of the primary"
+    assert result.message == "no data for metric request-success-rate of the primary"
 
 
 def test_a_comparison_needs_a_limit() -> None:

@@ -18,6 +18,7 @@ from perch.spec import (
     DEFAULT_INTERVAL,
     DEFAULT_MAX_WEIGHT,
     DEFAULT_METRIC_INTERVAL,
+    DEFAULT_ON_NO_DATA,
     DEFAULT_PORT_NAME,
     DEFAULT_PRIMARY_READY_THRESHOLD,
     DEFAULT_PROGRESS_DEADLINE_SECONDS,
@@ -31,10 +32,12 @@ from perch.spec import (
     Analysis,
     AutoscalerRef,
     CanarySpec,
+    CrossNamespaceRef,
     FrozenDict,
     Metric,
     PrimaryComparison,
     Service,
+    SessionAffinity,
     SpecError,
     ThresholdRange,
     Webhook,
@@ -263,6 +266,33 @@ def test_metric_and_webhook_defaults():
         assert (hook.timeout, hook.timeout_seconds) == (DEFAULT_WEBHOOK_TIMEOUT, 10.0)
         assert hook.metadata == {}
         assert hook.mute_alert is False
+
+
+def test_template_ref_with_variables_and_the_no_data_policy():
+    spec = parse_spec(
+        with_analysis(
+            "metrics:\n"
+            "- name: error-rate\n"
+            "  templateRef: {name: error-rate, namespace: monitoring}\n"
+            "  templateVariables: {code: '5..', direction: inbound}\n"
+            "  thresholdRange: {max: 1}\n"
+            "  onNoData: pass\n"
+            "- name: request-success-rate\n"
+            "  thresholdRange: {min: 99}\n"
+            "  onNoData: skip\n"
+            "- name: request-duration\n"
+            "  thresholdRange: {max: 500}\n"
+        )
+    )
+    errors = spec.analysis.metrics[0]
+    assert errors.builtin is None and errors.query is None
+    assert errors.template_ref == CrossNamespaceRef(name="error-rate", namespace="monitoring")
+    assert errors.template_variables == {"code": "5..", "direction": "inbound"}
+    assert [m.on_no_data for m in spec.analysis.metrics] == ["pass", "skip", "fail"]
+    assert DEFAULT_ON_NO_DATA == "fail"
+    # Part of the spec's value: a changed policy is a changed spec.
+    assert errors != dataclasses.replace(errors, on_no_data="fail")
+    hash(spec)
 
 
 def test_confirm_gates_max_wait_and_on_timeout():
@@ -1377,6 +1407,54 @@ INVALID = [
         id="template-without-name",
     ),
     pytest.param(
+        metric("{name: request-success-rate, thresholdRange: {min: 99}, onNoData: ignore}"),
+        "analysis.metrics[0].onNoData",
+        'unknown onNoData policy "ignore" (one of: fail, pass, skip)',
+        id="no-data-policy-unknown",
+    ),
+    pytest.param(
+        metric("{name: request-success-rate, thresholdRange: {min: 99}, onNoData: Pass}"),
+        "analysis.metrics[0].onNoData",
+        "did you mean pass?",
+        id="no-data-policy-case",
+    ),
+    pytest.param(
+        metric("{name: request-success-rate, thresholdRange: {min: 99}, onNoData: true}"),
+        "analysis.metrics[0].onNoData",
+        "expected a string",
+        id="no-data-policy-boolean",
+    ),
+    pytest.param(
+        metric("{name: e, templateRef: {name: t}, thresholdRange: {max: 1}, noData: pass}"),
+        "analysis.metrics[0].noData",
+        "unknown field",
+        id="no-data-policy-misnamed",
+    ),
+    pytest.param(
+        metric("{name: request-duration, thresholdRange: {max: 1}, templateVariables: {a: b}}"),
+        "analysis.metrics[0].templateVariables",
+        "only apply to a metric with templateRef or query",
+        id="template-variables-on-a-builtin",
+    ),
+    pytest.param(
+        metric(
+            "{name: e, templateRef: {name: t}, thresholdRange: {max: 1}, "
+            'templateVariables: {"my region": eu}}'
+        ),
+        'analysis.metrics[0].templateVariables["my region"]',
+        "cannot be named in a query as {{ variables.<key> }}",
+        id="template-variable-key-with-a-space",
+    ),
+    pytest.param(
+        metric(
+            "{name: e, templateRef: {name: t}, thresholdRange: {max: 1}, "
+            "templateVariables: {code: 500}}"
+        ),
+        "analysis.metrics[0].templateVariables.code",
+        "expected a string",
+        id="template-variable-not-a-string",
+    ),
+    pytest.param(
         with_analysis(
             "metrics:\n- {name: request-duration, thresholdRange: {max: 1}}\n"
             "- {name: istio_request_duration_seconds_bucket, threshold: 5}"
@@ -1850,3 +1928,248 @@ def test_mutated_seeds_never_raise_anything_but_spec_error():
                     chars[at] = rng.choice(alphabet)
             with contextlib.suppress(SpecError):
                 parse_spec("".join(chars))
+
+
+# --------------------------------------------------------------------------------------------
+# Traffic: A/B match conditions, mirroring, session affinity
+# --------------------------------------------------------------------------------------------
+
+GATEWAY = "provider: gatewayapi\n"
+AB = "iterations: 3\nmatch:\n"
+
+
+def test_ab_testing_match_is_kept_as_flagger_writes_it():
+    spec = parse_spec(
+        with_analysis(
+            AB + "- headers: {x-canary: {exact: insider}}\n"
+            "- headers: {cookie: {regex: '^(.*?;)?(canary=always)(;.*)?$'}}\n"
+            "- sourceLabels: {app: tester}\n"
+        )
+    )
+    assert spec.analysis.strategy == "ab-testing"
+    assert [to_plain(m) for m in spec.analysis.match] == [
+        {"headers": {"x-canary": {"exact": "insider"}}},
+        {"headers": {"cookie": {"regex": "^(.*?;)?(canary=always)(;.*)?$"}}},
+        {"sourceLabels": {"app": "tester"}},
+    ]
+
+
+def test_a_gateway_api_match_takes_what_an_http_route_match_can_say():
+    spec = parse_spec(
+        GATEWAY
+        + with_analysis(
+            AB + "- headers: {x-canary: {exact: insider}, cookie: {regex: 'canary=always'}}\n"
+            "  uri: {prefix: /api}\n  method: {exact: GET}\n  queryParams: {beta: {exact: 'on'}}\n"
+        )
+    )
+    assert spec.analysis.strategy == "ab-testing" and len(spec.analysis.match) == 1
+
+
+def test_session_affinity_with_flaggers_fields():
+    spec = parse_spec(
+        with_analysis(
+            "stepWeight: 20\nsessionAffinity:\n  cookieName: flagger-cookie\n  maxAge: 21600\n"
+            "  primaryCookieName: primary-flagger-cookie\n  sameSite: Strict\n  secure: true\n"
+            "  httpOnly: true\n  domain: example.com\n  path: /app\n"
+        )
+    )
+    assert spec.analysis.session_affinity == SessionAffinity(
+        cookie_name="flagger-cookie",
+        max_age=21600,
+        primary_cookie_name="primary-flagger-cookie",
+        domain="example.com",
+        path="/app",
+        same_site="Strict",
+        http_only=True,
+        secure=True,
+    )
+    default = parse_spec(with_analysis("sessionAffinity: {cookieName: c}")).analysis
+    assert default.session_affinity == SessionAffinity(cookie_name="c", max_age=86400)
+    assert default.strategy == "canary"
+
+
+def test_blue_green_mirror_for_both_providers():
+    for top in ("", GATEWAY, "provider: gatewayapi:v1\n"):
+        analysis = parse_spec(
+            top + with_analysis("iterations: 5\nmirror: true\nmirrorWeight: 25")
+        ).analysis
+        assert (analysis.strategy, analysis.mirror, analysis.mirror_weight) == (
+            "blue-green",
+            True,
+            25,
+        )
+    # Without mirrorWeight every request is mirrored, which the v1beta1 filter can do.
+    parse_spec("provider: gatewayapi:v1beta1\n" + with_analysis("iterations: 5\nmirror: true"))
+
+
+@pytest.mark.parametrize(
+    ("analysis", "warning"),
+    [
+        ("match: [{headers: {x: {exact: y}}}]", "analysis.match has no effect without iterations"),
+        (
+            "stepWeight: 10\niterations: 2\nmatch: [{headers: {x: {exact: y}}}]",
+            "analysis.match has no effect without iterations",
+        ),
+        ("iterations: 2\nmirrorWeight: 10", "analysis.mirrorWeight has no effect without mirror"),
+    ],
+)
+def test_traffic_fields_without_effect_are_accepted_with_a_warning(analysis: str, warning: str):
+    assert any(warning in w for w in parse_spec(with_analysis(analysis)).warnings)
+
+
+TRAFFIC_REFUSED = [
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- sourceLabels: {app: tester}"),
+        "analysis.match[0].sourceLabels",
+        "the Gateway API cannot match on sourceLabels (Istio can)",
+        id="gateway-source-labels",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- headers: {x-canary: {exact: a}}\n- authority: {exact: b}"),
+        "analysis.match[1].authority",
+        "the Gateway API cannot match on authority",
+        id="gateway-authority",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- headers: {user-agent: {prefix: Mozilla}}"),
+        "analysis.match[0].headers.user-agent.prefix",
+        "the Gateway API's header match has no prefix match (only exact, regex)",
+        id="gateway-header-prefix",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- method: {regex: 'GET|HEAD'}"),
+        "analysis.match[0].method.regex",
+        "method match has no regex match (only exact)",
+        id="gateway-method-regex",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- method: {exact: FETCH}"),
+        "analysis.match[0].method.exact",
+        "FETCH",
+        id="gateway-method-unknown",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- uri: {prefix: api}"),
+        "analysis.match[0].uri.prefix",
+        "a Gateway API path starts with '/'",
+        id="gateway-path-relative",
+    ),
+    pytest.param(
+        GATEWAY + with_analysis(AB + "- headers: {'x canary': {exact: a}}"),
+        'analysis.match[0].headers["x canary"]',
+        "is not an HTTP header name",
+        id="gateway-header-name",
+    ),
+    pytest.param(
+        with_analysis(AB + "- queryParams: {beta: {prefix: o}}"),
+        "analysis.match[0].queryParams.beta.prefix",
+        "Istio's query parameter match has no prefix match",
+        id="istio-query-prefix",
+    ),
+    pytest.param(
+        with_analysis(AB + "- headers: {X-Canary: {exact: insider}}"),
+        "analysis.match[0].headers.X-Canary",
+        "Istio matches header names in lower case: write x-canary",
+        id="istio-header-case",
+    ),
+    pytest.param(
+        with_analysis(AB + "- headers: {x-canary: {exact: a, regex: b}}"),
+        "analysis.match[0].headers.x-canary",
+        "give exactly one of exact, prefix, regex",
+        id="two-kinds",
+    ),
+    pytest.param(
+        with_analysis(AB + "- headers: {x-canary: {suffix: a}}"),
+        "analysis.match[0].headers.x-canary.suffix",
+        "suffix",
+        id="unknown-kind",
+    ),
+    pytest.param(
+        with_analysis(AB + "- header: {x-canary: {exact: a}}"),
+        "analysis.match[0].header",
+        "did you mean headers?",
+        id="match-typo",
+    ),
+    pytest.param(
+        with_analysis(AB + "- {}"),
+        "analysis.match[0]",
+        "an empty match condition matches every request",
+        id="empty-condition",
+    ),
+    pytest.param(
+        with_analysis(AB + "- sourceLabels: {app: 3}"),
+        "analysis.match[0].sourceLabels.app",
+        "expected a string",
+        id="source-label-number",
+    ),
+    pytest.param(
+        with_analysis("stepWeight: 10\nmirror: true"),
+        "analysis.mirror",
+        "mirroring runs during blue/green iterations",
+        id="mirror-with-weights",
+    ),
+    pytest.param(
+        with_analysis(AB + "- headers: {x: {exact: y}}\nmirror: true"),
+        "analysis.mirror",
+        "with match it is A/B testing",
+        id="mirror-with-match",
+    ),
+    pytest.param(
+        "provider: gatewayapi:v1beta1\n"
+        + with_analysis("iterations: 3\nmirror: true\nmirrorWeight: 10"),
+        "analysis.mirrorWeight",
+        "has no percent",
+        id="mirror-weight-v1beta1",
+    ),
+    pytest.param(
+        with_analysis("iterations: 3\nsessionAffinity: {cookieName: c}"),
+        "analysis.sessionAffinity",
+        "goes with stepWeight or stepWeights",
+        id="affinity-blue-green",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {maxAge: 60}"),
+        "analysis.sessionAffinity.cookieName",
+        "required",
+        id="affinity-without-cookie",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {cookieName: c, primaryCookieName: c}"),
+        "analysis.sessionAffinity.primaryCookieName",
+        "must differ from cookieName c",
+        id="affinity-same-cookies",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {cookieName: 'a;b'}"),
+        "analysis.sessionAffinity.cookieName",
+        "is not a cookie name",
+        id="affinity-cookie-name",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {cookieName: c, sameSite: lax}"),
+        "analysis.sessionAffinity.sameSite",
+        "did you mean Lax?",
+        id="affinity-same-site",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {cookieName: c, maxAge: 0}"),
+        "analysis.sessionAffinity.maxAge",
+        "must be 1 or more",
+        id="affinity-max-age",
+    ),
+    pytest.param(
+        with_analysis("sessionAffinity: {cookieName: c, cookiePath: /}"),
+        "analysis.sessionAffinity.cookiePath",
+        "unknown field",
+        id="affinity-unknown-field",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "fragment"), TRAFFIC_REFUSED)
+def test_traffic_a_router_cannot_express_is_refused_naming_the_field(
+    text: str, path: str, fragment: str
+):
+    with pytest.raises(SpecError) as info:
+        parse_spec(text)
+    assert (info.value.path, fragment in info.value.reason) == (path, True), info.value.reason

@@ -35,7 +35,8 @@ from analyzer.model import (
     SetWeights,
     Workload,
 )
-from analyzer.step import needs, step
+from analyzer.step import needs, route_revision, step
+from perch.routers.base import analysis_rules
 from perch.spec import CanarySpec, parse_spec
 from perch.status import CanaryStatus, analysis_started, initialized, timestamp
 from tests.seed import SEED_SPEC_EARLY
@@ -113,6 +114,9 @@ class World:
     primary: Workload = field(default_factory=lambda: ready(STABLE))
     # The route's (primary, canary) weights; by default what the status records.
     route: tuple[int, int] | Literal["status"] | None = "status"
+    # Whether the route carries more than the weighted split (A/B match, mirror, cookies); by
+    # default what the status calls for.
+    route_rules: bool | None = None
     control: ControlAction | None = None
     admitted: bool = True
     progressing: int | None = None
@@ -129,6 +133,8 @@ class World:
     def __post_init__(self) -> None:
         if self.route == "status":
             self.route = (100 - self.status.canary_weight, self.status.canary_weight)
+        if self.route_rules is None:
+            self.route_rules = self._rules(self.status.canary_weight)
 
     @property
     def interval(self) -> timedelta:
@@ -154,6 +160,7 @@ class World:
             canary=self.canary,
             primary=self.primary,
             route_weights=None if self.route == "status" else self.route,
+            route_analysing=bool(self.route_rules) and self.route is not None,
             metrics=measured,
             gates=tuple(gates),
             control=self.control,
@@ -190,11 +197,16 @@ class World:
         self.now += self.interval
         return actions
 
+    def _rules(self, weight: int) -> bool:
+        return bool(route_revision(self.status)) and analysis_rules(self.spec, canary_weight=weight)
+
     def perform(self, action: Action) -> None:
         self.performed.append(action)
         match action:
             case SetWeights():
                 self.route = (action.primary, action.canary)
+                # The shell shapes the route after the status just committed (analyzer.act).
+                self.route_rules = self._rules(action.canary)
             case PromoteTemplate():
                 self.primary = (
                     ready(action.revision)
@@ -358,16 +370,16 @@ def test_seed_failing_halts_ten_times_then_rolls_back(failing: MetricResult, hal
     [
         (
             MetricResult("request-success-rate", "no-data", None, ""),
-            "no values found for metric request-success-rate",
+            "no data for metric request-success-rate",
         ),
         (
             MetricResult(
                 "request-success-rate",
                 "no-data",
                 None,
-                "no values found for metric request-success-rate",
+                "no data for metric request-success-rate",
             ),
-            "no values found for metric request-success-rate",
+            "no data for metric request-success-rate",
         ),
         (
             MetricResult("request-success-rate", "error", None, "timeout"),
@@ -762,6 +774,141 @@ def test_a_failing_iteration_does_not_count() -> None:
     world.metrics["request-success-rate"] = LOW_SUCCESS
     world.tick()
     assert (world.status.iterations, world.status.failed_checks) == (1, 1)
+
+
+MATCH = [{"headers": {"x-canary": {"exact": "insider"}}}]
+
+
+def test_ab_testing_routes_the_match_to_the_canary_from_the_first_iteration_to_finalising() -> None:
+    world = World(spec(stepWeight=None, maxWeight=None, iterations=3, match=MATCH), started())
+    first = world.tick()
+    assert of(SetWeights, first) == [SetWeights(100, 0)]
+    assert events(first) == [
+        "Starting canary analysis for podinfo.test revision v1-canary1111",
+        "Routing requests of podinfo.test that match analysis.match to podinfo-canary.test",
+        "Advance podinfo.test canary iteration 1/3",
+    ]
+    trace = [(world.status.phase, world.route_rules)]
+    while world.status.phase != "Succeeded":
+        world.tick()
+        trace.append((world.status.phase, world.route_rules))
+    assert trace == [
+        ("Progressing", True),
+        ("Progressing", True),
+        ("Progressing", True),
+        ("Promoting", True),  # matching users stay on the new version while the primary rolls
+        ("Finalising", False),  # all traffic back on the primary: the match rule is gone
+        ("Succeeded", False),
+    ]
+    assert all(a == SetWeights(100, 0) for a in world.performed if isinstance(a, SetWeights))
+
+
+def test_blue_green_mirrors_during_its_iterations_until_the_traffic_switches() -> None:
+    world = World(
+        spec(stepWeight=None, maxWeight=None, iterations=3, mirror=True, mirrorWeight=50),
+        started(),
+    )
+    first = world.tick()
+    assert "Mirroring 50% of the requests of podinfo.test to podinfo-canary.test" in events(first)
+    trace = [(world.status.canary_weight, world.route_rules)]
+    while world.status.phase != "Succeeded":
+        world.tick()
+        trace.append((world.status.canary_weight, world.route_rules))
+    assert trace[:4] == [(0, True), (0, True), (0, True), (100, False)]
+    assert trace[-1] == (0, False)
+
+
+def test_blue_green_without_mirror_never_touches_the_route_before_the_switch() -> None:
+    world = World(spec(stepWeight=None, maxWeight=None, iterations=3), started())
+    assert not of(SetWeights, world.tick())
+    assert world.route_rules is False
+
+
+def test_a_match_rule_lost_in_a_crash_after_the_commit_is_put_back() -> None:
+    world = World(spec(stepWeight=None, maxWeight=None, iterations=3, match=MATCH), started())
+    world.tick(crash_after=CommitStatus)
+    assert (world.status.iterations, world.route_rules) == (1, False)
+    actions = world.tick()
+    assert of(SetWeights, actions) == [SetWeights(100, 0)]
+    assert warnings(actions) == [
+        "Route of podinfo.test lacks what the analysis adds to it; restoring it: Routing requests "
+        "of podinfo.test that match analysis.match to podinfo-canary.test"
+    ]
+    assert (world.status.iterations, world.route_rules) == (1, True)
+
+
+def test_an_aborted_ab_test_takes_the_match_rule_away() -> None:
+    world = World(
+        spec(stepWeight=None, maxWeight=None, iterations=3, match=MATCH),
+        analysing(0, iterations=2),
+        control="abort",
+    )
+    assert world.route_rules is True
+    world.tick()
+    assert (world.status.phase, world.route, world.route_rules) == ("Failed", (100, 0), False)
+
+
+def test_a_failed_canary_whose_route_still_matches_is_put_back_before_scaling_down() -> None:
+    # A rollback cut short after its commit: Failed at weight 0, the route still has the rule.
+    failed = replace(analysing(0, iterations=2), phase="Failed", failed_revision=REV)
+    world = World(
+        spec(stepWeight=None, maxWeight=None, iterations=3, match=MATCH), failed, route_rules=True
+    )
+    actions = world.tick()
+    # The rule goes first, then the pods: no request is left on a canary scaled to zero.
+    assert [a for a in actions if isinstance(a, CLUSTER_WRITES)] == [
+        SetWeights(100, 0),
+        ScaleCanary(0),
+    ]
+    assert warnings(actions)[0] == (
+        "Route of podinfo.test still carries what the analysis added to it; restoring the plain "
+        "split 100/0"
+    )
+    assert world.route_rules is False
+    assert not of(SetWeights, world.tick())
+
+
+def test_a_failed_ab_promotion_takes_the_match_rule_away_with_the_canary() -> None:
+    world = World(
+        spec(stepWeight=None, maxWeight=None, iterations=2, match=MATCH),
+        analysing(0, iterations=2),
+        primary_rolls_out=False,
+    )
+    world.tick()
+    assert world.status.phase == "Promoting" and world.route_rules is True
+    world.now += timedelta(seconds=world.spec.progress_deadline_seconds + 1)
+    actions = world.tick()
+    assert world.status.phase == "Failed"
+    assert of(SetWeights, actions) == [SetWeights(100, 0)]
+    assert of(ScaleCanary, actions) == [ScaleCanary(0)]
+    assert world.route_rules is False
+
+
+def test_session_affinity_cookies_are_on_the_route_while_weights_are() -> None:
+    affinity = {"cookieName": "canary", "primaryCookieName": "primary"}
+    world = World(spec(sessionAffinity=affinity), started())
+    trace = []
+    while world.status.phase != "Succeeded":
+        world.tick()
+        trace.append((world.status.phase, world.status.canary_weight, world.route_rules))
+    assert trace == [
+        ("Progressing", 10, True),
+        ("Progressing", 20, True),
+        ("Progressing", 30, True),
+        ("Promoting", 30, True),
+        ("Finalising", 0, False),
+        ("Succeeded", 0, False),
+    ]
+
+
+def test_route_revision_covers_the_first_step_to_finalising() -> None:
+    assert route_revision(started()) == ""  # not taken up
+    assert route_revision(replace(started(), analysed_revision=REV)) == ""  # no step yet
+    assert route_revision(analysing(10)) == REV
+    assert route_revision(analysing(0, iterations=1, phase="WaitingPromotion")) == REV
+    assert route_revision(analysing(30, phase="Promoting")) == REV
+    for phase in ("Finalising", "Succeeded", "Failed", "Initialized"):
+        assert route_revision(analysing(30, phase=phase)) == ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1356,3 +1503,173 @@ def test_transitions_are_stamped_with_the_tick_time() -> None:
     world.status = paused
     world.tick()
     assert world.status == paused  # nothing changed, nothing stamped
+
+
+# --------------------------------------------------------------------------------------------
+# No data, per metric (onNoData); MetricTemplates that cannot be used; muteAlert on halts
+# --------------------------------------------------------------------------------------------
+
+NO_DATA = MetricResult(
+    "request-success-rate", "no-data", None, "no data for metric request-success-rate"
+)
+ERRORS_QUIET = {"name": "error-count", "query": "sum(x)", "thresholdRange": {"max": 0}}
+
+
+def quiet_errors(policy: str | None, **more: Any) -> dict[str, Any]:
+    """A custom error counter that has no series at all while there are no errors."""
+    metric = {**ERRORS_QUIET, **more}
+    if policy is not None:
+        metric["onNoData"] = policy
+    return metric
+
+
+def test_no_data_fails_by_default_and_reads_no_data_never_a_number() -> None:
+    world = World(spec(), analysing(10))
+    world.metrics["request-success-rate"] = NO_DATA
+    actions = world.tick()
+    assert warnings(actions) == [
+        "Halt podinfo.test advancement no data for metric request-success-rate"
+    ]
+    (halt,) = [a.message for a in of(Notify, actions)]
+    assert halt == (
+        "Halt podinfo.test advancement no data for metric request-success-rate (failed checks 1/3)"
+    )
+    assert (world.status.canary_weight, world.status.failed_checks) == (10, 1)
+
+
+def test_on_no_data_pass_lets_a_quiet_error_counter_pass() -> None:
+    world = World(
+        spec(
+            metrics=[
+                {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+                quiet_errors("pass"),
+            ]
+        ),
+        analysing(10),
+    )
+    world.metrics["error-count"] = MetricResult(
+        "error-count", "no-data", None, "no data for metric error-count"
+    )
+    while world.status.phase != "Succeeded":
+        actions = world.tick()
+        assert not warnings(actions), warnings(actions)
+    assert world.status.failed_checks == 0
+    # Data again: judged as any value is (a pass policy never hides a real failure).
+    world = World(spec(metrics=[quiet_errors("pass")]), analysing(10))
+    world.metrics["error-count"] = MetricResult("error-count", "fail", 3.0, "error-count 3.00 > 0")
+    assert warnings(world.tick()) == ["Halt podinfo.test advancement error-count 3.00 > 0"]
+
+
+def test_on_no_data_skip_leaves_the_metric_out_and_the_others_decide() -> None:
+    world = World(
+        spec(
+            metrics=[
+                {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+                quiet_errors("skip"),
+            ]
+        ),
+        analysing(10),
+    )
+    world.metrics["error-count"] = MetricResult("error-count", "no-data", None, "")
+    actions = world.tick()
+    assert of(SetWeights, actions) == [SetWeights(80, 20)]
+    assert not warnings(actions)
+
+
+def test_an_interval_no_metric_could_judge_holds_without_a_failed_check_and_never_promotes() -> (
+    None
+):
+    world = World(spec(metrics=[quiet_errors("skip")]), analysing(30))
+    world.metrics["error-count"] = MetricResult("error-count", "no-data", None, "")
+    for _ in range(5):
+        actions = world.tick()
+        assert warnings(actions) == [
+            "Halt podinfo.test advancement no data for metric error-count (onNoData: skip): "
+            "no metric could be judged this interval"
+        ]
+        assert notified(actions) == ["halted"]
+        assert not of(SetWeights, actions) and not of(PromoteTemplate, actions)
+        assert (world.status.phase, world.status.canary_weight) == ("Progressing", 30)
+        assert world.status.failed_checks == 0
+    # Once it has data it is judged again, and the canary goes on.
+    world.metrics["error-count"] = MetricResult("error-count", "pass", 0.0, "error-count 0.00")
+    world.tick()
+    assert world.status.phase == "Promoting"
+
+
+@pytest.mark.parametrize("policy", ["pass", "skip"])
+def test_a_no_data_policy_never_excuses_an_error(policy: str) -> None:
+    world = World(spec(metrics=[quiet_errors(policy)]), analysing(10))
+    world.metrics["error-count"] = MetricResult(
+        "error-count", "error", None, "Prometheus query failed: HTTP 401: Unauthorized"
+    )
+    actions = world.tick()
+    assert warnings(actions) == [
+        "Halt podinfo.test advancement Prometheus query failed: HTTP 401: Unauthorized"
+    ]
+    assert world.status.failed_checks == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "metric error-rate: MetricTemplate error-rate.test not found",
+        "metric error-rate: MetricTemplate error-rate.test: unknown placeholder "
+        "{{ variables.region }} (known: interval, name, namespace, target)",
+        "metric error-rate: cannot read Secret prom-auth.test of MetricTemplate error-rate.test: "
+        "Kubernetes API answered 403 Forbidden",
+    ],
+)
+def test_an_unusable_metric_template_fails_with_its_message_and_never_promotes(
+    message: str,
+) -> None:
+    metric = {"name": "error-rate", "templateRef": {"name": "error-rate"}, "onNoData": "pass"}
+    world = World(spec(metrics=[{**metric, "thresholdRange": {"max": 1}}]), analysing(20))
+    world.metrics["error-rate"] = MetricResult("error-rate", "error", None, message)
+    halts = []
+    while world.status.phase == "Progressing":
+        halts += warnings(world.tick())
+    assert halts[0] == f"Halt podinfo.test advancement {message}"
+    assert halts.count(halts[0]) == 3
+    assert world.status.phase == "Failed"
+    assert not any(isinstance(a, PromoteTemplate) for a in world.performed)
+
+
+def test_a_halt_caused_only_by_muted_gates_sends_no_alert() -> None:
+    gates = [hook("smoke", "rollout", muteAlert=True), hook("load", "rollout")]
+    world = World(spec(webhooks=gates), analysing(10), answers={"smoke": "fail"})
+    actions = world.tick()
+    # Still a failed check, and still an event; no notification.
+    assert warnings(actions) == [
+        "Halt podinfo.test advancement external check smoke failed HTTP 500 Internal Server Error"
+    ]
+    assert world.status.failed_checks == 1
+    assert notified(actions) == []
+    # An unmuted problem in the same halt is announced, and only it.
+    world.answers["load"] = "fail"
+    world.metrics["request-success-rate"] = LOW_SUCCESS
+    actions = world.tick()
+    assert len(warnings(actions)) == 3
+    (alert,) = [a.message for a in of(Notify, actions)]
+    assert alert == (
+        "Halt podinfo.test advancement success rate 61.39% < 99%; external check load failed "
+        "HTTP 500 Internal Server Error (failed checks 2/3)"
+    )
+    # The rollback is announced whatever caused it.
+    world.answers.pop("load")
+    world.metrics["request-success-rate"] = PASSING["request-success-rate"]
+    actions = world.tick()
+    assert world.status.phase == "Failed"
+    assert notified(actions) == ["failed"]
+
+
+def test_a_muted_pre_rollout_gate_halts_without_an_alert() -> None:
+    gates = [hook("migrate", "pre-rollout", muteAlert=True)]
+    world = World(spec(webhooks=gates), started(), answers={"migrate": "fail"})
+    world.tick()  # taken up; pre-rollout waits for a ready canary seen at the previous tick
+    actions = world.tick()
+    assert "Halt podinfo.test advancement pre-rollout check migrate failed" in " ".join(
+        warnings(actions)
+    )
+    assert world.status.failed_checks == 1
+    assert "halted" not in notified(actions)
