@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup system-packages lint unit integration bench clean demo images e2e
+.PHONY: test setup system-packages lint unit integration bench clean demo images e2e schema
 
 ## A kind cluster with Istio, Prometheus, podinfo and Perch: a canary promoted, another rolled back.
 demo:
@@ -19,7 +19,7 @@ e2e: setup
 
 ## Install what the tests need (Debian packages, a venv, the project), then run every check.
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ## Debian packages: Prometheus (analyzer tests), openssl (certificate checks), wrk (benchmarks).
 system-packages:
@@ -47,6 +47,12 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+## docs/spec.schema.json, the JSON Schema of perch.dev/spec, exported from the spec's models (a
+## unit test fails when the checked-in file differs from what they export).
+schema:
+	$(BIN)/python -m perch.spec.schema > docs/spec.schema.json.new
+	mv docs/spec.schema.json.new docs/spec.schema.json
 
 unit:
 	$(BIN)/python -m pytest -q tests/unit

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from analyzer.alerts import AlertProviderResolver
-from analyzer.cache import WatchCache
+from analyzer.cache import ROUTE_KINDS, WatchCache
 from analyzer.http import liveness_problem, serve
 from analyzer.leader import AlwaysLeader, LeaseElector
 from analyzer.metrics.base import ProviderSettings
@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MetricTemplates in a cache of their own: the scheduler follows only Canaries and
     # Deployments, and a missing MetricTemplate CRD must not hold the canaries' cache back.
     template_cache = WatchCache(api_client, namespaces=args.namespace, kinds=("MetricTemplate",))
+    # Perch's routes, so that a tick reads its route's weights without a GET (analyzer.routes).
+    route_cache = WatchCache(api_client, namespaces=args.namespace, kinds=ROUTE_KINDS)
     provider = PrometheusProvider(args.prometheus_url, timeout_seconds=args.prometheus_timeout)
     templates = TemplateResolver(
         templates=template_cache,
@@ -135,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_active=args.max_active,
         orphan_grace=args.orphan_grace_seconds,
         templates=templates,
+        routes=route_cache,
     )
     telemetry.count_calls(
         kubernetes=lambda: {
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "alert-providers": alert_providers.calls,
             **{f"cache-{k}": v for k, v in cache.api_calls().items()},
             **{f"templates-{k}": v for k, v in template_cache.api_calls().items()},
+            **{f"routes-{k}": v for k, v in route_cache.api_calls().items()},
         },
         prometheus=lambda: provider.calls + templates.calls,
     )
@@ -150,11 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tick=analyzer.tick,
         interval_for=analyzer.interval_for,
         resync_seconds=args.resync_seconds,
-        wake_on_primary=analyzer.waits_for_primary,
+        wake_on_rollout=analyzer.waits_for_rollout,
     )
 
     telemetry.watch_lags(scheduler.tick_lags)
-    telemetry.watch_canaries(cache.items)
+    # Read only (it counts them): the cached objects themselves, not a copy of each per scrape.
+    telemetry.watch_canaries(lambda: cache.select(lambda canary: canary))
 
     # time.monotonic() when this replica last became the leader; None while it stands by.
     leading_since: float | None = None
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def live() -> str | None:
         return liveness_problem(
-            cache_alive=cache.alive() and template_cache.alive(),
+            cache_alive=cache.alive() and template_cache.alive() and route_cache.alive(),
             leading_since=leading_since,
             last_resync=scheduler.last_resync(),
             resync_seconds=args.resync_seconds,
@@ -210,9 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     cache.start()
     template_cache.start()
+    route_cache.start()
     cache.wait_synced(timeout=60)
     # Before the first tick: a templateRef metric must not fail for a template not yet listed.
     template_cache.wait_synced(timeout=60)
+    # Not needed for correctness (a route the cache does not hold yet is read by GET), but the
+    # first ticks of a restart would otherwise GET every route.
+    route_cache.wait_synced(timeout=60)
     elector.start()
     log.info(
         "perch-analyzer started",
@@ -230,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler.close()
     cache.stop()
     template_cache.stop()
+    route_cache.stop()
     templates.close()
     notifications.close()
     http.shutdown()

@@ -10,7 +10,6 @@ template), so a write based on a stale read is refused rather than applied.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 from kubernetes.client.exceptions import ApiException
 
 from analyzer import faults
+from analyzer.cache import clone
 from analyzer.events import EventRecorder
 from analyzer.model import (
     Action,
@@ -34,6 +34,7 @@ from analyzer.model import (
     SetWeights,
 )
 from analyzer.notify import Notifications, spec_context
+from analyzer.routes import Routes
 from analyzer.step import route_revision
 from perch.fields import applied_configuration, applier_of
 from perch.names import (
@@ -78,17 +79,25 @@ class TickContext:
     primary: dict[str, Any]  # the primary Deployment as read at the start of the tick
     status: CanaryStatus  # the status after the step
     # Route objects already read this tick, by name: the weights are set without reading again.
-    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Read only: they may be the watch cache's own.
+    routes: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class Actor:
     def __init__(
-        self, kube: Kube, *, events: EventRecorder, gates: GateCaller, notifier: Notifications
+        self,
+        kube: Kube,
+        *,
+        events: EventRecorder,
+        gates: GateCaller,
+        notifier: Notifications,
+        routes: Routes | None = None,
     ) -> None:
         self.kube = kube
         self.events = events
         self.gates = gates
         self.notifier = notifier
+        self.routes = routes if routes is not None else Routes(kube)
 
     def perform(
         self,
@@ -169,19 +178,24 @@ class Actor:
         for desired in router.build(target, ctx.spec, canary_weight=canary, revision=revision):
             ref = refs[(desired["kind"], desired["metadata"]["name"])]
             res = Resource(ref.group, ref.version, ref.plural)
-            existing = ctx.routes.pop(ref.name, None) or self.kube.get(res, ctx.namespace, ref.name)
+            existing = ctx.routes.pop(ref.name, None) or self.routes.read(ref, ctx.namespace)
             if existing is None:
-                self.kube.create(res, ctx.namespace, desired)
+                self.routes.wrote(ref, ctx.namespace, self.kube.create(res, ctx.namespace, desired))
                 continue
             labels = (existing.get("metadata") or {}).get("labels") or {}
             if labels.get(LABEL_MANAGED_BY) != MANAGED_BY_VALUE:
                 raise RouteNotOurs(f"{ref.kind} {ctx.namespace}/{ref.name} is not managed by Perch")
             if existing.get("spec") == desired["spec"]:
                 continue
-            body = copy.deepcopy(existing)
+            body = clone(existing)
             body.pop("status", None)
+            # Left out, the API server keeps them as they are; sent, it decodes and checks them
+            # on every write of the weights.
+            body.get("metadata", {}).pop("managedFields", None)
             body["spec"] = desired["spec"]
-            self.kube.replace(res, ctx.namespace, ref.name, body)
+            self.routes.wrote(
+                ref, ctx.namespace, self.kube.replace(res, ctx.namespace, ref.name, body)
+            )
 
     def scale_canary(self, ctx: TickContext, *, replicas: int | None) -> None:
         if replicas is None:

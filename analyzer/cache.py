@@ -28,11 +28,19 @@ tick. Their CRD may be missing (Helm installs CRDs but never upgrades them, so a
 chart without it leaves it out) or the RBAC not yet updated: a 404 or 403 on the list counts as an
 empty, synced list, re-tried every ``backoff_max`` seconds, so that the analyzer still starts and a
 templateRef metric fails with "not found" rather than the whole cache waiting.
+
+Routes (``kinds=ROUTE_KINDS``, a cache of their own too): Istio VirtualServices and
+DestinationRules and Gateway API HTTPRoutes that carry Perch's ``app.kubernetes.io/managed-by``
+label, selected by the API server, so that a tick reads its route's weights without a GET and
+the many routes of a mesh that are not Perch's are never sent. A mesh's CRDs are optional (a
+cluster has Istio or the Gateway API, seldom both) and so is the permission to list them (a chart
+older than the analyzer): those lists are treated like MetricTemplates', and the analyzer reads
+the route by GET when the cache does not hold it.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import random
 import threading
@@ -63,7 +71,9 @@ __all__ = [
     "is_relevant_deployment",
 ]
 
-Kind = Literal["Canary", "Deployment", "MetricTemplate"]
+Kind = Literal[
+    "Canary", "Deployment", "MetricTemplate", "VirtualService", "DestinationRule", "HTTPRoute"
+]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 Listener = Callable[[Kind, EventType, dict[str, Any]], None]
 Key = tuple[str, str]  # (namespace, name)
@@ -71,8 +81,18 @@ Key = tuple[str, str]  # (namespace, name)
 CANARY_VERSION: Final = "v1alpha1"
 METRIC_TEMPLATE_PLURAL: Final = "metrictemplates"
 DEFAULT_KINDS: Final[tuple[Kind, ...]] = ("Canary", "Deployment")
+ROUTE_KINDS: Final[tuple[Kind, ...]] = ("VirtualService", "DestinationRule", "HTTPRoute")
 # Kinds whose list may be refused (CRD not installed, RBAC not upgraded) without blocking the sync.
-_OPTIONAL_KINDS: Final[frozenset[Kind]] = frozenset({"MetricTemplate"})
+_OPTIONAL_KINDS: Final[frozenset[Kind]] = frozenset({"MetricTemplate", *ROUTE_KINDS})
+# Custom kinds: (group, version, plural, label selector). Only Perch's routes are listed.
+_MANAGED: Final = f"{LABEL_MANAGED_BY}={MANAGED_BY_VALUE}"
+_CUSTOM: Final[Mapping[Kind, tuple[str, str, str, str]]] = {
+    "Canary": (GROUP, CANARY_VERSION, CANARY_PLURAL, ""),
+    "MetricTemplate": (GROUP, CANARY_VERSION, METRIC_TEMPLATE_PLURAL, ""),
+    "VirtualService": ("networking.istio.io", "v1", "virtualservices", _MANAGED),
+    "DestinationRule": ("networking.istio.io", "v1", "destinationrules", _MANAGED),
+    "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes", _MANAGED),
+}
 # client-go's reflector picks 5-10 minutes; the API server caps watches at about 30 minutes.
 DEFAULT_WATCH_TIMEOUT_SECONDS: Final = 300
 DEFAULT_PAGE_SIZE: Final = 500
@@ -84,9 +104,8 @@ DEFAULT_BACKOFF_MAX: Final = 30.0
 _WATCH_READ_MARGIN: Final = 30.0
 _SHORT_WATCH_SECONDS: Final = 0.5
 _API_VERSIONS: Final[Mapping[Kind, str]] = {
-    "Canary": f"{GROUP}/{CANARY_VERSION}",
     "Deployment": "apps/v1",
-    "MetricTemplate": f"{GROUP}/{CANARY_VERSION}",
+    **{kind: f"{group}/{version}" for kind, (group, version, _, _) in _CUSTOM.items()},
 }
 
 log = logging.getLogger("perch.analyzer.cache")
@@ -113,6 +132,19 @@ def _rv(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
+def clone(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists and immutable leaves), as the API sends it.
+
+    copy.deepcopy handles any object graph (memo, cycles, __deepcopy__ lookups) and was a fifth
+    of the analyzer's CPU with a thousand canaries; objects decoded from JSON need none of that.
+    """
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
+    return value
+
+
 @dataclass(kw_only=True)
 class _Source:
     """One list+watch: a kind, in one namespace or in all of them."""
@@ -121,7 +153,10 @@ class _Source:
     namespace: str | None
     call: Callable[..., Any]  # the typed client's list function, used for list and watch
     args: tuple[str, ...]
+    selector: str = ""  # a label selector the API server applies to the list and the watch
     synced: bool = False
+    # Listed by the API (not an optional kind it refused): what the store lacks does not exist.
+    available: bool = False
     rv: str | None = None  # where the watch resumes; None: list first
     watcher: watch.Watch | None = field(default=None, repr=False)
 
@@ -131,6 +166,34 @@ class _Source:
     @property
     def label(self) -> str:
         return f"{self.kind} in {self.namespace or 'all namespaces'}"
+
+
+class _JsonWatch(watch.Watch):
+    """kubernetes.watch.Watch, each event's JSON decoded once.
+
+    With ``return_type="object"`` the client decodes every event, encodes its object again and
+    decodes that (to "deserialize" it into a dict it already had): three passes over every
+    Canary and route the analyzer's own writes send back, a tenth of its CPU at a thousand
+    canaries. ``deserialize=False`` decodes once but leaves out ``raw_object``, which the
+    client's own handling of an ERROR event (410 Gone) then fails to find. This keeps both.
+    """
+
+    def unmarshal_event(self, data: str, return_type: Any) -> dict[str, Any] | None:
+        if not data or data.isspace():
+            return None
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(event, dict):
+            return None
+        obj = event.get("object")
+        event["raw_object"] = obj
+        if isinstance(obj, dict) and event.get("type") != "ERROR":
+            rv = (obj.get("metadata") or {}).get("resourceVersion")
+            if rv:
+                self.resource_version = rv
+        return event
 
 
 class _Backoff:
@@ -158,9 +221,10 @@ class _Backoff:
 class WatchCache:
     """The latest Canary objects and relevant Deployments, kept current by list+watch threads.
 
-    Read from any thread. Objects handed out are copies: the tick code may edit what it reads
-    (to compute a patch) without corrupting the cache or the next diff. ``kinds`` picks what is
-    watched (Canaries and Deployments by default; MetricTemplates in a cache of their own).
+    Read from any thread. ``get`` and ``items`` hand out copies: the tick code may edit what it
+    reads (to compute a patch) without corrupting the cache or the next diff; ``peek``, ``select``
+    and listeners see the cached objects themselves, to read only. ``kinds`` picks what is watched
+    (Canaries and Deployments by default; MetricTemplates and routes in caches of their own).
     """
 
     def __init__(
@@ -194,27 +258,27 @@ class WatchCache:
 
         crs = client.CustomObjectsApi(api_client)
         apps = client.AppsV1Api(api_client)
-        custom_plural: Mapping[Kind, str] = {
-            "Canary": CANARY_PLURAL,
-            "MetricTemplate": METRIC_TEMPLATE_PLURAL,
-        }
         self._sources: list[_Source] = []
         for namespace in namespaces if namespaces is not None else [None]:
             for kind in kinds:
                 call: Callable[..., Any]
                 args: tuple[str, ...]
+                selector = ""
                 if kind == "Deployment":
                     if namespace is None:
                         call, args = apps.list_deployment_for_all_namespaces, ()
                     else:
                         call, args = apps.list_namespaced_deployment, (namespace,)
-                elif namespace is None:
-                    call = crs.list_cluster_custom_object
-                    args = (GROUP, CANARY_VERSION, custom_plural[kind])
                 else:
-                    call = crs.list_namespaced_custom_object
-                    args = (GROUP, CANARY_VERSION, namespace, custom_plural[kind])
-                self._sources.append(_Source(kind=kind, namespace=namespace, call=call, args=args))
+                    group, version, plural, selector = _CUSTOM[kind]
+                    if namespace is None:
+                        call, args = crs.list_cluster_custom_object, (group, version, plural)
+                    else:
+                        call = crs.list_namespaced_custom_object
+                        args = (group, version, namespace, plural)
+                self._sources.append(
+                    _Source(kind=kind, namespace=namespace, call=call, args=args, selector=selector)
+                )
 
         self._lock = threading.Lock()
         self._store: dict[Kind, dict[Key, dict[str, Any]]] = {kind: {} for kind in kinds}
@@ -229,12 +293,19 @@ class WatchCache:
     def get(self, namespace: str, name: str, *, kind: Kind = "Canary") -> dict[str, Any] | None:
         with self._lock:
             obj = self._store[kind].get((namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
+        return clone(obj) if obj is not None else None
+
+    def peek(self, namespace: str, name: str, *, kind: Kind = "Canary") -> Mapping[str, Any] | None:
+        """The stored object itself, not a copy: for code that only reads it (the scheduler's
+        per-event checks). The cache replaces an object on change and never edits one, so what
+        this returns stays as it was; the caller must not edit it either."""
+        with self._lock:
+            return self._store[kind].get((namespace, name))
 
     def items(self, kind: Kind = "Canary") -> list[dict[str, Any]]:
         with self._lock:
             objs = list(self._store[kind].values())
-        return [copy.deepcopy(o) for o in objs]
+        return [clone(o) for o in objs]
 
     def select(
         self, pick: Callable[[Mapping[str, Any]], T | None], *, kind: Kind = "Canary"
@@ -252,6 +323,13 @@ class WatchCache:
     def synced(self) -> bool:
         """True once every list+watch has completed its first list."""
         return self._synced.is_set()
+
+    def holds(self, kind: Kind) -> bool:
+        """Whether the copy of ``kind`` is complete: every list of it answered (not refused, as
+        an optional kind's may be), so an object it lacks does not exist, or is not selected."""
+        with self._lock:
+            sources = [s for s in self._sources if s.kind == kind]
+            return bool(sources) and all(s.synced and s.available for s in sources)
 
     def covers(self, namespace: str) -> bool:
         """Whether objects of ``namespace`` are watched (all are, unless limited)."""
@@ -275,6 +353,9 @@ class WatchCache:
 
         Listeners run on the cache's threads, after the cache holds the change, one event at a
         time per kind and namespace; they must be quick and must not raise (errors are logged).
+        They are handed the cached object itself, not a copy (with a thousand canaries, a copy
+        per event was a tenth of the analyzer's CPU): read it, never edit it; ``get`` gives a
+        copy to edit.
         """
         with self._lock:
             self._listeners.append(listener)
@@ -357,6 +438,7 @@ class WatchCache:
                 describe_api_error(exc),
                 self._backoff_max,
             )
+        source.available = False
         self._replace(source, [])
         self._stopping.wait(self._backoff_max)
 
@@ -371,6 +453,8 @@ class WatchCache:
             }
             if token:
                 kwargs["_continue"] = token
+            if source.selector:
+                kwargs["label_selector"] = source.selector
             self._count("list")
             page = response_json(source.call(*source.args, **kwargs))
             items += [i for i in page.get("items") or [] if isinstance(i, dict)]
@@ -383,14 +467,15 @@ class WatchCache:
             # List items lack apiVersion and kind on a real API server; watch events carry them.
             item.setdefault("apiVersion", _API_VERSIONS[source.kind])
             item.setdefault("kind", source.kind)
+        source.available = True
         self._replace(source, items)
         return rv
 
     def _watch(self, source: _Source, backoff: _Backoff) -> None:
         """Follow one watch stream to its end, keeping ``source.rv`` at the last event seen."""
-        # return_type "object": events as the API's JSON, not client models (which drop fields
-        # the client does not know and cost more than the request).
-        watcher = watch.Watch(return_type="object")  # type: ignore[no-untyped-call]
+        # Events as the API's JSON, not client models (which drop fields the client does not know
+        # and cost more than the request), decoded once (_JsonWatch).
+        watcher = _JsonWatch(return_type="object")  # type: ignore[no-untyped-call]
         source.watcher = watcher
         if self._stopping.is_set():  # stop() ran before the watcher was registered
             return
@@ -405,6 +490,7 @@ class WatchCache:
             timeout_seconds=self._watch_timeout,
             allow_watch_bookmarks=True,
             _request_timeout=(self._request_timeout, self._watch_timeout + _WATCH_READ_MARGIN),
+            **({"label_selector": source.selector} if source.selector else {}),
         )
         try:
             for event in events:
@@ -484,7 +570,7 @@ class WatchCache:
         for kind, event_type, obj in events:
             for listener in listeners:
                 try:
-                    listener(kind, event_type, copy.deepcopy(obj))
+                    listener(kind, event_type, obj)
                 except Exception:
                     log.exception("cache listener failed on %s %s %s", event_type, kind, _key(obj))
 

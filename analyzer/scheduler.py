@@ -8,9 +8,11 @@ says so). Jobs follow the watch cache:
   phases), a number adds the job or reschedules it when the interval changed;
 - a Canary disappears → its job goes;
 - a change of the Deployment of the same name re-evaluates its Canary (the spec, and so the
-  interval, lives in the Deployment's annotation), and runs its tick at once when
-  ``wake_on_primary(canary)`` says it waits for the primary (a promotion waiting for the primary's
-  rollout: finished the moment the rollout is, not up to an interval later);
+  interval, lives in the Deployment's annotation); a change of it or of its canary copy
+  (``<name>-canary``) runs the Canary's tick at once when ``wake_on_rollout(canary)`` says it
+  waits for a rollout (a promotion waiting for the primary's: finished the moment the rollout is;
+  a new revision waiting for its canary's pods: its first step the moment they are ready), not up
+  to an interval later;
 - every ``resync_seconds`` a resync job reconciles all jobs with the cache, so that a lost or
   failed callback costs at most one resync period.
 
@@ -53,6 +55,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from analyzer.cache import EventType, Kind, Listener
+from perch.names import CANARY_SUFFIX
 
 __all__ = [
     "DEFAULT_RESYNC_SECONDS",
@@ -139,12 +142,12 @@ class CanaryScheduler:
         resync_seconds: float = DEFAULT_RESYNC_SECONDS,
         max_workers: int = DEFAULT_MAX_WORKERS,
         lag_samples: int = DEFAULT_LAG_SAMPLES,
-        wake_on_primary: Callable[[Mapping[str, Any]], bool] = lambda canary: False,
+        wake_on_rollout: Callable[[Mapping[str, Any]], bool] = lambda canary: False,
     ) -> None:
         self._cache = cache
         self._tick = tick
         self._interval_for = interval_for
-        self._wake_on_primary = wake_on_primary
+        self._wake_on_rollout = wake_on_rollout
         self._resync_seconds = resync_seconds
         self._max_workers = max_workers
 
@@ -297,11 +300,19 @@ class CanaryScheduler:
         namespace, name = _identity(obj)
         wake = False
         if kind == "Deployment":
-            canary = self._cache.get(namespace, name)
+            # Read only: no copy where the cache can lend its own (WatchCache.peek).
+            peek = getattr(self._cache, "peek", None) or self._cache.get
+            canary = peek(namespace, name)
             if canary is None:
+                # The canary copy of a Deployment: only a wake concerns it (its primary's
+                # annotations, not its own, carry the spec and so the interval).
+                if name.endswith(CANARY_SUFFIX):
+                    owner = peek(namespace, name.removesuffix(CANARY_SUFFIX))
+                    if owner is not None and event_type != "DELETED" and self._wants_wake(owner):
+                        self._wake(job_id(namespace, name.removesuffix(CANARY_SUFFIX)))
                 return
-            # A canary waiting for its primary (a promotion's rollout) ticks as soon as the
-            # primary changes, rather than up to an interval later.
+            # A canary waiting for a rollout (a promotion's) ticks as soon as the primary
+            # changes, rather than up to an interval later.
             wake = event_type != "DELETED" and self._wants_wake(canary)
             kind, event_type, obj = "Canary", "MODIFIED", canary
         with self._lock:
@@ -312,14 +323,21 @@ class CanaryScheduler:
                 self._remove(job)
                 return
             self._apply(job, self._interval_or_keep(obj))
-            if wake and self._scheduler is not None and self._scheduler.get_job(job) is not None:
+            if wake:
+                self._wake(job)
+
+    def _wake(self, job: str) -> None:
+        with self._lock:
+            if self._state == "stopped" or self._scheduler is None:
+                return
+            if self._scheduler.get_job(job) is not None:
                 self._scheduler.modify_job(job, next_run_time=datetime.now(UTC))
 
     def _wants_wake(self, canary: Mapping[str, Any]) -> bool:
         try:
-            return self._wake_on_primary(canary)
+            return self._wake_on_rollout(canary)
         except Exception:
-            log.exception("wake_on_primary failed for canary %s/%s", *_identity(canary))
+            log.exception("wake_on_rollout failed for canary %s/%s", *_identity(canary))
             return False
 
     def _interval_or_keep(self, obj: Mapping[str, Any]) -> float | _Keep | None:

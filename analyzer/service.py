@@ -24,11 +24,12 @@ from analyzer.events import EventRecorder
 from analyzer.gates import post_event, run_gates
 from analyzer.metrics.judge import judge
 from analyzer.metrics.prometheus import Measurement, PrometheusProvider
-from analyzer.metrics.queries import query_set_for
+from analyzer.metrics.queries import QuerySetName, query_set_for
 from analyzer.metrics.resolver import TemplateResolver
 from analyzer.model import Event, GateResult, MetricResult, Observations
 from analyzer.notify import Notifications
 from analyzer.observe import control_action, route_analysing, route_weights, workload
+from analyzer.routes import RouteCache, Routes
 from analyzer.step import needs, step
 from analyzer.telemetry import Telemetry
 from perch.names import (
@@ -40,7 +41,7 @@ from perch.names import (
     is_opted_in,
 )
 from perch.objects import canary_deployment
-from perch.resources import CANARIES, DEPLOYMENTS, HPAS, Kube, Resource, resource_version
+from perch.resources import CANARIES, DEPLOYMENTS, HPAS, Kube, resource_version
 from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, Metric, SpecError, WebhookType
@@ -99,7 +100,9 @@ class MetricBatcher:
     The first canary of a namespace to need a builtin metric queries it for all canaries there
     that use the same metric (same name, histogram and window); the others reuse the measurement
     while it is younger than half their interval. What is shared is the measured value, not the
-    verdict: each canary's value is judged against its own thresholdRange.
+    verdict: each canary's value is judged against its own thresholdRange. Ticks that need the
+    same measurement while it is being queried wait for that answer rather than send the query
+    again (with a hundred canaries in a namespace, several are due during one query).
 
     A metric with ``primary`` (a comparative check) is also judged against the primary over the
     same window through :meth:`PrometheusProvider.compare` (one query for a builtin); with a
@@ -124,6 +127,8 @@ class MetricBatcher:
         self._canaries = canaries
         self._lock = threading.Lock()
         self._measured: dict[tuple[Any, ...], tuple[float, dict[str, Measurement]]] = {}
+        # One lock per measurement: held while it is queried, so that it is queried once.
+        self._querying: dict[tuple[Any, ...], threading.Lock] = {}
 
     def evaluate(
         self,
@@ -205,16 +210,18 @@ class MetricBatcher:
         max_age = max(spec.analysis.interval_seconds / 2, 0.2)
         value: Measurement | None = None
         if at is None:
-            with self._lock:
-                cached = self._measured.get(key)
-                if cached and time.monotonic() - cached[0] < max_age:
-                    value = cached[1].get(target)
-        if value is None:
+            value = self._fresh(key, target, max_age)
+            if value is None:
+                with self._lock:
+                    querying = self._querying.setdefault(key, threading.Lock())
+                with querying:
+                    # Another tick may have measured it while this one waited.
+                    value = self._fresh(key, target, max_age)
+                    if value is None:
+                        value = self._measure(namespace, metric, target, key, query_set)
+        else:
             targets = sorted({target, *self._canaries(namespace)})
             measured = self.provider.measure(namespace, metric, targets, at=at, query_set=query_set)
-            if at is None:
-                with self._lock:
-                    self._measured[key] = (time.monotonic(), measured)
             value = measured.get(target)
         if value is None:
             return MetricResult(
@@ -224,6 +231,27 @@ class MetricBatcher:
             # No data or a failed query; named after the metric that asked, as judge() does.
             return replace(value, name=metric.name)
         return judge(metric, value)
+
+    def _fresh(self, key: tuple[Any, ...], target: str, max_age: float) -> Measurement | None:
+        with self._lock:
+            cached = self._measured.get(key)
+            if cached and time.monotonic() - cached[0] < max_age:
+                return cached[1].get(target)
+        return None
+
+    def _measure(
+        self,
+        namespace: str,
+        metric: Metric,
+        target: str,
+        key: tuple[Any, ...],
+        query_set: QuerySetName,
+    ) -> Measurement | None:
+        targets = sorted({target, *self._canaries(namespace)})
+        measured = self.provider.measure(namespace, metric, targets, query_set=query_set)
+        with self._lock:
+            self._measured[key] = (time.monotonic(), measured)
+        return measured.get(target)
 
     @staticmethod
     def combine(absolute: MetricResult, relative: MetricResult) -> MetricResult:
@@ -341,6 +369,7 @@ class Analyzer:
         gates: GateRunner | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         templates: TemplateResolver | None = None,
+        routes: RouteCache | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -352,15 +381,28 @@ class Analyzer:
         self.now = now
         self.metrics = MetricBatcher(provider, canaries=self._active_targets, templates=templates)
         self.provider = provider
+        # Route objects from the watch of Perch's routes (None: a GET each time they are read).
+        self.routes = Routes(kube, routes)
         self.actor = Actor(
-            kube, events=EventRecorder(kube), gates=self.gates, notifier=notifications
+            kube,
+            events=EventRecorder(kube),
+            gates=self.gates,
+            notifier=notifications,
+            routes=self.routes,
         )
 
     # What the scheduler asks
 
+    def _peek(self, namespace: str, name: str, *, kind: str) -> Mapping[str, Any] | None:
+        """A cached object to read, not to edit: no copy (WatchCache.peek) where the cache has
+        one. The scheduler asks interval_for at every change of a Canary or its Deployment."""
+        peek = getattr(self.cache, "peek", None) or self.cache.get
+        found: Mapping[str, Any] | None = peek(namespace, name, kind=kind)
+        return found
+
     def interval_for(self, canary: Mapping[str, Any]) -> float | None:
         meta = canary.get("metadata") or {}
-        primary = self.cache.get(meta.get("namespace", ""), meta.get("name", ""), kind="Deployment")
+        primary = self._peek(meta.get("namespace", ""), meta.get("name", ""), kind="Deployment")
         if primary is None:
             return None
         spec = spec_of(primary)
@@ -372,14 +414,29 @@ class Analyzer:
             return None
         return spec.analysis.interval_seconds
 
-    def waits_for_primary(self, canary: Mapping[str, Any]) -> bool:
-        """A promotion waits for the primary's rollout: its next step is due the moment the
-        primary has rolled out (only then, so the rollout's many status writes cost no ticks)."""
-        if (canary.get("status") or {}).get("phase") != "Promoting":
-            return False
+    def waits_for_rollout(self, canary: Mapping[str, Any]) -> bool:
+        """Whether the canary's next step is due the moment a rollout it waits for is done (only
+        then, so the rollout's many status writes cost no ticks):
+
+        - a promotion waits for the primary's rollout;
+        - a new revision, not yet at its first step, waits for its canary's pods to be ready: its
+          first weight comes as soon as they are, not up to an interval later.
+        """
+        status = canary.get("status") or {}
         meta = canary.get("metadata") or {}
-        primary = self.cache.get(meta.get("namespace", ""), meta.get("name", ""), kind="Deployment")
-        return primary is not None and workload(primary).rolled_out
+        namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        phase = status.get("phase")
+        if phase == "Promoting":
+            primary = self._peek(namespace, name, kind="Deployment")
+            return primary is not None and workload(primary).rolled_out
+        if (
+            phase == "Progressing"
+            and not status.get("canaryWeight")
+            and not status.get("iterations")
+        ):
+            copy = self._peek(namespace, canary_name(name), kind="Deployment")
+            return copy is not None and workload(copy).rolled_out
+        return False
 
     def _idle(self, canary: Mapping[str, Any], primary: Mapping[str, Any]) -> bool:
         """Nothing to do until something changes: an idle phase, no control asked for, and no
@@ -388,7 +445,7 @@ class Analyzer:
         if phase not in IDLE_PHASES or control_action(primary) is not None:
             return False
         meta = canary.get("metadata") or {}
-        canary_dep = self.cache.get(
+        canary_dep = self._peek(
             meta.get("namespace", ""), canary_name(str(meta.get("name", ""))), kind="Deployment"
         )
         return canary_dep is None or workload(canary_dep).desired == 0
@@ -588,12 +645,13 @@ class Analyzer:
 
     def _read_routes(
         self, namespace: str, name: str, spec: CanarySpec
-    ) -> dict[str, dict[str, Any]]:
-        """The route object that carries the weights (the first the router makes), by name."""
+    ) -> dict[str, Mapping[str, Any]]:
+        """The route object that carries the weights (the first the router makes), by name; from
+        the watch of Perch's routes, not a GET (analyzer.routes)."""
         target = RouteTarget(name=name, namespace=namespace)
-        routes: dict[str, dict[str, Any]] = {}
+        routes: dict[str, Mapping[str, Any]] = {}
         for ref in router_for(spec.provider).refs(target, spec)[:1]:
-            obj = self.kube.get(Resource(ref.group, ref.version, ref.plural), namespace, ref.name)
+            obj = self.routes.read(ref, namespace)
             if obj is not None:
                 routes[ref.name] = obj
         return routes

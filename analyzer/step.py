@@ -152,8 +152,8 @@ release). ``spec.suspend`` and phase Terminated: nothing at all, controls includ
 Events are Flagger's wording where Flagger has one. ``event`` webhooks are the shell's: it posts
 every Event action to them (they need the message and type, which CallGates cannot carry).
 Notifications: ``started`` when a revision is taken up, ``halted`` on each failed check and on each
-wait for approval (confirm-rollout and confirm-promotion once, on entering the wait;
-confirm-traffic-increase each tick; none for a webhook with muteAlert, and none for a failed
+wait for approval (once, on entering the wait, with its event: a canary waiting for approval
+issues nothing until the gate answers; none for a webhook with muteAlert, and none for a failed
 check that only muted gates failed: their halts are events only), ``failed`` on each
 transition into Failed, ``promoted`` on success. Readiness waits are events only: they are how
 every release starts.
@@ -190,7 +190,7 @@ from analyzer.model import (
 from perch.names import ANNOTATION_ACTION, canary_name
 from perch.routers.base import analysis_rules
 from perch.spec import Analysis, CanarySpec, Metric, Webhook, WebhookType
-from perch.status import ANALYSING_PHASES, CanaryStatus, Phase, entered, timestamp
+from perch.status import ANALYSING_PHASES, CanaryStatus, LastCheck, Phase, entered, timestamp
 
 __all__ = ["needs", "route_revision", "step"]
 
@@ -309,8 +309,30 @@ def step(
         canary=f"{canary_name(name)}.{namespace}",
         asked=needs(spec, status, now=obs.now),
     )
-    after = _stamped(status, _dispatch(tick, _normalised(status)), tick)
+    after = _quiet(status, _stamped(status, _dispatch(tick, _normalised(status)), tick))
     return after, _ordered(tick.actions, changed=after != status, consumed=tick.consumed)
+
+
+def _quiet(before: CanaryStatus, after: CanaryStatus) -> CanaryStatus:
+    """New measurements alone are no reason to write the status.
+
+    A canary waiting for approval (WaitingPromotion, a confirm-traffic-increase) is judged
+    every interval, and its metrics never measure exactly the same twice: recording each new
+    value in ``last_checks`` would be a status write per tick for a canary that is otherwise
+    idle. So ``last_checks`` is renewed when the tick changes something else (a step, a failed
+    check, a phase) or when a check's outcome changed (a metric that passed now has no data);
+    otherwise the values shown are those of the last interval that changed something.
+    """
+    if after.last_checks == before.last_checks:
+        return after
+    kept = replace(after, last_checks=before.last_checks)
+    if kept != before or _verdicts(after) != _verdicts(before):
+        return after
+    return kept
+
+
+def _verdicts(s: CanaryStatus) -> tuple[tuple[str, str, str], ...]:
+    return tuple((check.name, check.kind, check.outcome) for check in s.last_checks)
 
 
 _BEFORE_COMMIT = (SaveStableTemplate,)
@@ -538,6 +560,7 @@ def _start(t: _Tick, s: CanaryStatus) -> CanaryStatus:
 
 def _analyse(t: _Tick, s: CanaryStatus) -> CanaryStatus:
     """A step after the first: judge the interval, then advance, wait for approval or promote."""
+    s = replace(s, last_checks=_last_checks(t))
     metrics = _judge_metrics(t)
     problems = [*metrics.problems, *_rollout_problems(t)]
     if problems:
@@ -591,12 +614,19 @@ def _iterate(t: _Tick, s: CanaryStatus) -> CanaryStatus:
 
 
 def _traffic_increase(t: _Tick, s: CanaryStatus) -> tuple[CanaryStatus, bool]:
-    """The status and whether the weight may increase (False: hold it, or rolled back)."""
+    """The status and whether the weight may increase (False: hold it, or rolled back).
+
+    The wait is announced (event, notification) when it begins, as confirm-rollout's and
+    confirm-promotion's are, not at every tick: a canary waiting for approval does nothing, and
+    costs no API call, until the gate answers."""
+    announced = s.confirm_type == "confirm-traffic-increase" and bool(s.confirm_asked_at)
     s, confirm = _confirm(t, s, "confirm-traffic-increase")
     if confirm.outcome == "abort":
         return _rollback(t, s, confirm.reason), False
     if confirm.outcome != "waiting":
         return s, True
+    if announced:
+        return s, False
     waiting = confirm.waiting
     message = f"Halt {t.target} advancement waiting for traffic increase approval {waiting[0].name}"
     t.event(message, reason="Waiting", warning=True)
@@ -986,6 +1016,7 @@ def _retry(t: _Tick, s: CanaryStatus) -> CanaryStatus:
         confirm_asked_at="",
         confirm_timed_out=(),
         handoff_revision="",
+        last_checks=(),
     )
     return t.to(s, "Progressing")
 
@@ -1041,6 +1072,7 @@ def _normalised(s: CanaryStatus) -> CanaryStatus:
         confirm_type="",
         confirm_asked_at="",
         confirm_timed_out=(),
+        last_checks=(),
     )
 
 
@@ -1236,6 +1268,36 @@ def _metric_problem(metric: Metric, result: MetricResult | None) -> str | None:
     ):
         return message
     return f"Prometheus query failed for metric {metric.name}: {message or 'unknown error'}"
+
+
+def _last_checks(t: _Tick) -> tuple[LastCheck, ...]:
+    """What this interval's checks found, in the spec's order, for the status (people read it:
+    kubectl perch status); no decision depends on it."""
+    by_name = {result.name: result for result in t.obs.metrics}
+    checks: list[LastCheck] = []
+    for metric in t.analysis.metrics:
+        result = by_name.get(metric.name)
+        bounds = metric.threshold_range
+        checks.append(
+            LastCheck(
+                name=metric.name,
+                outcome=result.outcome if result is not None else "error",
+                value=result.value if result is not None else None,
+                min=bounds.min,
+                max=bounds.max,
+                message=result.message if result is not None else "not measured",
+            )
+        )
+    for hook, gate in _gates(t, "rollout"):
+        checks.append(
+            LastCheck(
+                name=hook.name,
+                kind="gate",
+                outcome=gate.outcome if gate is not None else "error",
+                message=_detail(gate) if gate is not None and not _passed(gate) else "",
+            )
+        )
+    return tuple(checks)
 
 
 def _rollout_problems(t: _Tick) -> list[_Problem]:

@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import urllib3
 import yaml
@@ -101,6 +101,19 @@ def load_api_client(
     )
 
 
+# Connections kept open to the API server per process. The client library's default (5 per CPU)
+# is fewer than a webhook worker uses at once: each of its threads reads up to seven objects in
+# parallel, and every connection beyond the pool is a new TLS handshake that is then thrown away.
+CONNECTION_POOL_SIZE: Final = 32
+
+
+def _api_client(configuration: client.Configuration) -> client.ApiClient:
+    configuration.connection_pool_maxsize = max(
+        configuration.connection_pool_maxsize or 0, CONNECTION_POOL_SIZE
+    )
+    return client.ApiClient(configuration=configuration)
+
+
 def _from_kubeconfig(path: str, *, context: str | None, source: str) -> client.ApiClient:
     configuration = client.Configuration()
     try:
@@ -113,7 +126,7 @@ def _from_kubeconfig(path: str, *, context: str | None, source: str) -> client.A
         )
     except (config.ConfigException, OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise KubeConfigError(f"{source}: {_one_line(exc)}") from exc
-    return client.ApiClient(configuration=configuration)
+    return _api_client(configuration)
 
 
 def _in_cluster_possible() -> tuple[bool, str]:
@@ -135,7 +148,7 @@ def _in_cluster() -> client.ApiClient:
         ).load_and_set(configuration)
     except (config.ConfigException, OSError) as exc:
         raise KubeConfigError(f"in-cluster service account: {_one_line(exc)}") from exc
-    return client.ApiClient(configuration=configuration)
+    return _api_client(configuration)
 
 
 def is_not_found(exc: BaseException) -> bool:

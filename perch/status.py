@@ -6,6 +6,7 @@ to tell a new release from one already under analysis or one that failed. Pure: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -47,6 +48,60 @@ class Condition(TypedDict):
     message: str
     lastTransitionTime: str
     lastUpdateTime: str
+
+
+CheckKind = Literal["metric", "gate"]
+# A message longer than this is cut: the status is read on every tick, and one check's error
+# text (a Prometheus answer, say) must not grow it without bound.
+MAX_CHECK_MESSAGE = 300
+
+
+@dataclass(frozen=True, slots=True)
+class LastCheck:
+    """One check of the last judged interval: a metric against its threshold, or a rollout gate.
+
+    ``outcome`` is the analyzer's (metrics: pass, fail, no-data, error; gates: pass, fail,
+    timeout, error). ``value`` is the measured value in the metric's unit (percent for
+    request-success-rate, milliseconds for request-duration), None when there was none;
+    ``min``/``max`` the thresholdRange it was judged against. Informational: no decision reads it.
+    """
+
+    name: str
+    outcome: str
+    kind: CheckKind = "metric"
+    value: float | None = None
+    min: float | None = None
+    max: float | None = None
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        # Normalised here so that what is stored reads back equal: JSON has no NaN or infinity
+        # (the API server refuses a body that holds one), and a long message is cut.
+        for key in ("value", "min", "max"):
+            object.__setattr__(self, key, _number(getattr(self, key)))
+        object.__setattr__(self, "message", self.message[:MAX_CHECK_MESSAGE])
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> LastCheck:
+        kind = raw.get("kind")
+        return cls(
+            name=str(raw.get("name") or ""),
+            outcome=str(raw.get("outcome") or ""),
+            kind="gate" if kind == "gate" else "metric",
+            value=_number(raw.get("value")),
+            min=_number(raw.get("min")),
+            max=_number(raw.get("max")),
+            message=str(raw.get("message") or ""),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"name": self.name, "kind": self.kind, "outcome": self.outcome}
+        for key, number in (("value", self.value), ("min", self.min), ("max", self.max)):
+            if number is not None:
+                wire[key] = number
+        if self.message:
+            wire["message"] = self.message
+        return wire
 
 
 def timestamp(at: datetime) -> str:
@@ -96,6 +151,10 @@ class CanaryStatus:
     # a template through only when it is this revision and carries the promotion mark for it: the
     # handshake of docs/webhook.md.
     handoff_revision: str = ""
+    # The checks of the last judged interval, for people (kubectl perch status): what each metric
+    # measured against its threshold, and what each rollout gate answered. They belong to
+    # canary_revision and are dropped when another analysis starts.
+    last_checks: tuple[LastCheck, ...] = ()
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any] | None) -> CanaryStatus:
@@ -122,6 +181,9 @@ class CanaryStatus:
             confirm_asked_at=str(raw.get("confirmAskedAt") or ""),
             confirm_timed_out=tuple(str(g) for g in raw.get("confirmTimedOut") or ()),
             handoff_revision=str(raw.get("handoffRevision") or ""),
+            last_checks=tuple(
+                LastCheck.from_wire(c) for c in raw.get("lastChecks") or () if isinstance(c, dict)
+            ),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -146,6 +208,7 @@ class CanaryStatus:
             "confirmAskedAt": self.confirm_asked_at,
             "confirmTimedOut": list(self.confirm_timed_out),
             "handoffRevision": self.handoff_revision,
+            "lastChecks": [c.to_wire() for c in self.last_checks],
         }
 
     @property
@@ -164,6 +227,12 @@ class CanaryStatus:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _promoted_condition(*, reason: str, message: str, now: str, status: str) -> Condition:
@@ -262,6 +331,7 @@ def analysis_started(
         confirm_type="",
         confirm_asked_at="",
         confirm_timed_out=(),
+        last_checks=(),
         conditions=(
             _promoted_condition(
                 reason="Progressing",

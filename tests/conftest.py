@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.standin import StandIn
-from tests.support import controlplane
+from tests.support import controlplane, figures
 
 CLUSTER_DIR = "tests/cluster/"
 _cluster_outcomes: dict[str, str] = {}
@@ -72,6 +72,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    for name, value in figures.reported():
+        terminalreporter.write_line(f"figure: {name}: {value}")
     if not _cluster_outcomes:
         return
     counts = _counts()

@@ -20,6 +20,7 @@ import math
 import random
 import re
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -119,6 +120,9 @@ class Call:
     status: int | None = None
     body: Any = dataclasses.field(default=None, repr=False, compare=False)
     dry_run: bool = False
+    # time.monotonic() when the request arrived and when it was answered: which calls overlapped.
+    arrived: float = dataclasses.field(default=0.0, repr=False, compare=False)
+    answered: float = dataclasses.field(default=0.0, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -270,6 +274,8 @@ class Emulator(kmock.KubernetesScaffold):
     changes: list[_Change] = attrs.field(factory=list)  # every write: watches resume from here
     calls: list[Call] = attrs.field(factory=list)
     faults: list[_Fault] = attrs.field(factory=list)
+    # Seconds each request of a verb waits before it is served (a slow or distant API server).
+    latency: dict[str, float] = attrs.field(factory=dict)
     crashes: list[BaseException] = attrs.field(factory=list)
     watchers: dict[asyncio.Queue[_Change | None], str] = attrs.field(factory=dict)
     rv: int = 0
@@ -312,14 +318,18 @@ class Emulator(kmock.KubernetesScaffold):
             name,
             body=body,
             dry_run=bool(raw.query.get("dryRun")),
+            arrived=time.monotonic(),
         )
         with self.lock:
             self.calls.append(call)
+            delay = self.latency.get(call.verb, 0.0)
             fault = next(
                 (f for f in self.faults if f.matches(call.verb, call.resource, name)), None
             )
             if fault is not None and fault.times is not None:
                 fault.times -= 1
+        if delay:
+            await asyncio.sleep(delay)
         try:
             if fault is not None and fault.status == 410 and call.verb == "watch":
                 response = await self._expire(raw, call, _error(410, fault.message, res, name))
@@ -334,6 +344,7 @@ class Emulator(kmock.KubernetesScaffold):
             message = f"stand-in crashed: {traceback.format_exc()}"
             response = aiohttp.web.json_response(_status(_error(500, message)), status=500)
         call.status = response.status
+        call.answered = time.monotonic()
         return response
 
     async def _serve(
@@ -819,6 +830,12 @@ class StandIn:
         """
         with self.emulator.lock:
             self.emulator.faults.append(_Fault(verb, resource, name, status, message, times))
+
+    def slow(self, verb: str, seconds: float) -> None:
+        """Every later request of ``verb`` (get, create, …) waits ``seconds`` before it is served;
+        requests wait side by side, as they would on a distant API server."""
+        with self.emulator.lock:
+            self.emulator.latency[verb] = seconds
 
     def crashes(self) -> list[BaseException]:
         """Exceptions of the stand-in itself (answered as 500): a bug here, not in Perch."""

@@ -79,6 +79,11 @@ def _check_shape(obj: Mapping[str, Any], label: str) -> None:
     spec = _field(obj, "spec", f"{label}.", dict, required=False)
     if spec is None:
         return
+    _field(spec, "replicas", f"{label}.spec.", int, required=False)
+    selector = _field(spec, "selector", f"{label}.spec.", dict, required=False)
+    if selector is not None:
+        labels = _field(selector, "matchLabels", f"{label}.spec.selector.", dict, required=False)
+        _check_strings(labels or {}, f"{label}.spec.selector.matchLabels")
     template = _field(spec, "template", f"{label}.spec.", dict, required=False)
     if template is None:
         return
@@ -86,15 +91,40 @@ def _check_shape(obj: Mapping[str, Any], label: str) -> None:
     template_meta = _field(template, "metadata", where, dict, required=False)
     if template_meta is not None:
         _check_string_map(template_meta, f"{where}metadata")
-    _field(template, "spec", where, dict, required=False)
+    pod = _field(template, "spec", where, dict, required=False)
+    if pod is not None:
+        _check_containers(pod, f"{where}spec.")
+
+
+def _check_containers(pod: Mapping[str, Any], path: str) -> None:
+    """Containers and their ports: what the canary's Deployment and Service are built from."""
+    for key in ("containers", "initContainers"):
+        for i, container in enumerate(_field(pod, key, path, list, required=False) or []):
+            where = f"{path}{key}[{i}]"
+            if not isinstance(container, dict):
+                raise MalformedReview(f"{where} must be a JSON object")
+            _field(container, "name", f"{where}.", str, required=False)
+            _field(container, "image", f"{where}.", str, required=False)
+            for j, port in enumerate(
+                _field(container, "ports", f"{where}.", list, required=False) or []
+            ):
+                if not isinstance(port, dict):
+                    raise MalformedReview(f"{where}.ports[{j}] must be a JSON object")
+                _field(port, "containerPort", f"{where}.ports[{j}].", int, required=False)
+                _field(port, "name", f"{where}.ports[{j}].", str, required=False)
+                _field(port, "protocol", f"{where}.ports[{j}].", str, required=False)
 
 
 def _check_string_map(metadata: Mapping[str, Any], path: str) -> None:
     for key in ("annotations", "labels"):
         value = _field(metadata, key, f"{path}.", dict, required=False)
-        for name, item in (value or {}).items():
-            if not isinstance(item, str):
-                raise MalformedReview(f"{path}.{key}[{name!r}] must be a string")
+        _check_strings(value or {}, f"{path}.{key}")
+
+
+def _check_strings(values: Mapping[str, Any], path: str) -> None:
+    for name, item in values.items():
+        if not isinstance(item, str):
+            raise MalformedReview(f"{path}[{name!r}] must be a string")
 
 
 def parse_review(body: object) -> AdmissionRequest:

@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
@@ -81,6 +82,7 @@ class RequestEffects:
         self.adopt_timeout = adopt_timeout
         self.warnings: list[str] = []
         self._cache: dict[tuple[Resource, str], dict[str, Any] | None] = {}
+        self._pending: list[Future[None]] = []
         primary = req.object or {}
         self.owners = owner_reference(primary)
         self.target = RouteTarget(
@@ -101,8 +103,33 @@ class RequestEffects:
     def _route_refs(self, spec: CanarySpec) -> tuple[RouteRef, ...]:
         return router_for(spec.provider).refs(self.target, spec)
 
+    def _prefetch(self, keys: list[tuple[Resource, str]]) -> None:
+        """Reads the objects at once, each on its own connection: one round trip, not one each.
+
+        A spawn reads up to seven objects before deciding and writing; in series their round
+        trips were most of its latency through a busy API server (benchmarks/README.md).
+        """
+        missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
+        if len(missing) <= 1:
+            for res, name in missing:
+                self._get(res, name)
+            return
+        ns = self.req.namespace
+        futures = [(key, _calls().submit(self.kube.get, key[0], ns, key[1])) for key in missing]
+        for key, future in futures:
+            self._cache[key] = future.result()
+
     def observe(self) -> Observed:
         assert self.spec is not None
+        cname = canary_name(self.req.name)
+        reads: list[tuple[Resource, str]] = [(CANARIES, self.req.name)]
+        reads += [(_resource(ref), ref.name) for ref in self._route_refs(self.spec)]
+        reads += [(DEPLOYMENTS, cname), (SERVICES, cname)]
+        ref = self.spec.autoscaler_ref
+        if ref is not None and ref.kind == "HorizontalPodAutoscaler":
+            # Read now as well: a release that spawns the canary copies the primary's HPA.
+            reads += [(HPAS, ref.name), (HPAS, cname)]
+        self._prefetch(reads)
         raw = self._get(CANARIES, self.req.name)
         record = None
         if raw is not None:
@@ -115,7 +142,6 @@ class RequestEffects:
         named: list[tuple[Resource, str, str]] = [
             (_resource(ref), ref.kind, ref.name) for ref in self._route_refs(self.spec)
         ]
-        cname = canary_name(self.req.name)
         named += [(DEPLOYMENTS, "Deployment", cname), (SERVICES, "Service", cname)]
         for res, kind, name in named:
             obj = self._get(res, name)
@@ -128,14 +154,24 @@ class RequestEffects:
     def perform(self, decision: Decision) -> list[str]:
         # Every action converges on a desired state, so after any 409 (a racing admission, the
         # analyzer writing) the whole request is observed and decided again, not patched up.
+        failure: BaseException | None = None
         try:
             for action in decision.actions:
                 self._perform(action)
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(str(exc.reason)) from exc
-            raise
-        return self.warnings
+        except BaseException as exc:  # re-raised below, once the writes in flight have ended
+            failure = exc
+        # Writes made side by side (the Canary object's status, the canary's HPA) end before the
+        # answer, whatever happened meanwhile: nothing is left running for a request answered.
+        for pending in self._pending:
+            try:
+                pending.result()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is None:
+            return self.warnings
+        if isinstance(failure, ApiException) and failure.status == 409:
+            raise Conflict(str(failure.reason)) from failure
+        raise failure
 
     def _perform(self, action: Action) -> None:
         match action:
@@ -174,8 +210,17 @@ class RequestEffects:
             "metadata": {"resourceVersion": resource_version(written)},
             "status": action.status.to_wire(),
         }
-        written = self.kube.merge_patch(CANARIES, ns, name, status_body, subresource="status")
-        self._remember(CANARIES, name, written)
+        # The spec write above is the decision's compare-and-swap (a racing admission gets 409
+        # there and decides again); once it holds, the status and the objects that follow it
+        # depend on nothing but the decision, so they are written side by side: one round trip
+        # instead of one each.
+        self._pending.append(_calls().submit(self._write_status, status_body))
+
+    def _write_status(self, body: dict[str, Any]) -> None:
+        ns, name = self.req.namespace, self.req.name
+        self._remember(
+            CANARIES, name, self.kube.merge_patch(CANARIES, ns, name, body, subresource="status")
+        )
 
     def _ensure_canary_service(self) -> None:
         assert self.spec is not None
@@ -222,6 +267,8 @@ class RequestEffects:
         desired = canary_deployment(primary, template=action.template, revision=action.revision)
         name = desired["metadata"]["name"]
         existing = self._get(DEPLOYMENTS, name)
+        # The canary's HPA does not need its Deployment to exist: both are written at once.
+        self._pending.append(_calls().submit(self._ensure_hpa))
         if existing is None:
             self._remember(DEPLOYMENTS, name, self.kube.create(DEPLOYMENTS, ns, desired))
         else:
@@ -234,7 +281,6 @@ class RequestEffects:
                         "replicas", desired["spec"]["replicas"]
                     )
                 self._remember(DEPLOYMENTS, name, self.kube.replace(DEPLOYMENTS, ns, name, desired))
-        self._ensure_hpa()
 
     def _ensure_hpa(self) -> None:
         assert self.spec is not None
@@ -317,6 +363,20 @@ class RequestEffects:
             daemon=True,
         )
         thread.start()
+
+
+# Shared by the requests of one worker process; made on first use, so after gunicorn's fork.
+_CALLS: ThreadPoolExecutor | None = None
+_CALLS_LOCK = threading.Lock()
+CALL_THREADS: Final = 16
+
+
+def _calls() -> ThreadPoolExecutor:
+    global _CALLS  # noqa: PLW0603 -- one pool per process, made lazily (see above)
+    with _CALLS_LOCK:
+        if _CALLS is None:
+            _CALLS = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="perch-call")
+        return _CALLS
 
 
 def _ports_match(current: Any, desired: list[dict[str, Any]]) -> bool:

@@ -26,6 +26,7 @@ from perch.names import (
 from perch.revision import is_restart_only, template_revision
 from perch.spec import CanarySpec, SpecError
 from perch.speccache import cached_parse_spec as parse_spec
+from perch.speccheck import check_spec, denial_message, spec_warnings
 from perch.status import CanaryStatus, analysis_started, initialized
 from webhook.admission import AdmissionRequest, PatchOp, pointer
 
@@ -202,13 +203,9 @@ def review(req: AdmissionRequest, observed: Observed | None, *, now: datetime) -
             return Decision(allowed=True, reason="restart" if restart else "unchanged")
     new_rev = template_revision(new_template)
     try:
-        spec = parse_spec(spec_text)
+        spec = check_spec(spec_text, deployment=req.name)
     except SpecError as err:
         return _deny_spec(err)
-    if spec.target_ref is not None and spec.target_ref.name != req.name:
-        return _deny_spec(
-            SpecError("targetRef.name", f"names {spec.target_ref.name!r}, but this is {req.name!r}")
-        )
 
     if observed is None:
         return Decision(allowed=True, reason="observe", spec=spec)
@@ -247,12 +244,11 @@ def _reinvoked(req: AdmissionRequest, record: CanaryRecord) -> bool:
 def _with_spec_warnings(decision: Decision, spec: CanarySpec) -> Decision:
     if not spec.warnings:
         return decision
-    notes = tuple(f"perch: {w}" for w in spec.warnings)
-    return replace(decision, warnings=(*decision.warnings, *notes))
+    return replace(decision, warnings=(*decision.warnings, *spec_warnings(spec)))
 
 
 def _deny_spec(err: SpecError) -> Decision:
-    return Decision(allowed=False, reason="denied-spec", message=f"perch: invalid {err}")
+    return Decision(allowed=False, reason="denied-spec", message=denial_message(err))
 
 
 def _deny_foreign(req: AdmissionRequest, observed: Observed) -> Decision:

@@ -20,6 +20,7 @@ import pytest
 from kubernetes import client
 
 from tests.seed import IMAGE_NEW
+from tests.support import figures
 from tests.support.prometheus import PrometheusServer
 from tests.support.release import Perch, Release
 
@@ -121,7 +122,7 @@ def test_a_hundred_kills_over_two_long_releases(perch: Perch, tmp_path: Path) ->
                 for app in apps
             },
         }
-        print(f"\nkills: {json.dumps(report)}")
+        figures.report("analyzer SIGKILLs over two releases", json.dumps(report))
         assert healthy.phase() == "Succeeded", healthy.events()
         assert failing.phase() == "Failed", failing.events()
         steps = [(100 - w, w) for w in range(2, 52, 2)]

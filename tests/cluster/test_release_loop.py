@@ -16,6 +16,7 @@ from kubernetes import client
 
 from perch.revision import template_revision
 from tests.seed import IMAGE_NEW, IMAGE_STABLE
+from tests.support.mesh import Recorder
 from tests.support.release import Method, Release, seed_spec
 
 SEED_WEIGHTS = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
@@ -202,3 +203,79 @@ def test_server_side_apply_releases_one_after_another(release: Release) -> None:
             lambda image=image: app.phase() == "Succeeded" and app.image() == image,
             f"{image} promoted",
         )
+
+
+def analyzer_calls(app: Release, since: int) -> list[str]:
+    """'verb resource' of every request the analyzer made after `since` (audit_size()), watches
+    aside (a watch is opened once and ends when the server closes it)."""
+    username = app.perch.installed.analyzer.username
+    calls = []
+    for event in app.perch.plane.audit_events(since=since):
+        ref = event.get("objectRef") or {}
+        if (event.get("user") or {}).get("username") != username or event["verb"] == "watch":
+            continue
+        resource = ref.get("resource", "?") + (
+            f"/{ref['subresource']}" if ref.get("subresource") else ""
+        )
+        calls.append(f"{event['verb']} {resource}")
+    return calls
+
+
+def test_a_waiting_canary_costs_no_api_call_and_a_repeated_halt_is_one_event(
+    release: Release,
+) -> None:
+    """What a canary costs the API server while it waits, and while it steps: a halt repeated
+    each interval is one Event whose count grows, as Kubernetes' own recorder does; a canary
+    waiting for approval makes no call at all; a step writes the status, the route and an
+    Event, and reads nothing (its reads come from watches)."""
+    app = release
+    if app.perch.kubelet is None or app.perch.plane.audit_log is None:
+        pytest.skip("needs the kubelet stand-in (to hold pods back) and the audit log")
+    gate = Recorder(status=403).start()
+    spec = (
+        "service:\n  port: 9898\nanalysis:\n  interval: 1s\n  threshold: 5\n  maxWeight: 50\n"
+        "  stepWeight: 10\n  webhooks:\n  - name: more\n    type: confirm-traffic-increase\n"
+        f"    url: {gate.url}\n"
+    )
+    canary, target = f"podinfo-canary.{app.namespace}", f"podinfo.{app.namespace}"
+    try:
+        app.create(spec)
+        app.perch.kubelet.withhold(app.namespace, "podinfo-canary-")
+        app.release(IMAGE_NEW)
+        app.start_analyzer()
+        # "...: 0 of 2 updated replicas are available", the same words at every interval.
+        held = re.compile(
+            rf"Halt advancement {re.escape(canary)} waiting for rollout to finish: "
+            r"0 of \d+ updated replicas are available"
+        )
+
+        def halts() -> list[dict[str, Any]]:
+            return [e for e in app.event_objects() if held.fullmatch(e["message"])]
+
+        app.wait_for(lambda: sum(int(e["count"]) for e in halts()) >= 3, "three halts")
+        (event,) = halts()  # one Event, however often it happened
+        assert int(event["count"]) >= 3
+        assert event["lastTimestamp"] >= event["firstTimestamp"]
+        assert app.events().count(event["message"]) == int(event["count"])
+
+        # Ready: the first step asks the gate, which does not approve. Said once, then silence.
+        app.perch.kubelet.release(app.namespace, "podinfo-canary-")
+        waiting = f"Halt {target} advancement waiting for traffic increase approval more"
+        app.wait_events(waiting)
+        asked = len(gate.received)
+        since = app.perch.plane.audit_size()
+        app.wait_for(lambda: len(gate.received) >= asked + 4, "four more intervals of waiting")
+        assert analyzer_calls(app, since) == []
+        assert app.events().count(waiting) == 1
+        assert app.status()["canaryWeight"] == 0
+
+        # Approved: each step writes the status, the route and an Event, and GETs nothing.
+        gate.status = 200
+        app.wait_for(lambda: app.status().get("canaryWeight") == 10, "weight 10")
+        since = app.perch.plane.audit_size()
+        app.wait_for(lambda: app.status().get("canaryWeight") == 40, "weight 40")
+        calls = analyzer_calls(app, since)
+        assert not [c for c in calls if c.startswith("get ")], calls
+        assert set(calls) <= {"patch canaries/status", "update virtualservices", "create events"}
+    finally:
+        gate.stop()

@@ -27,6 +27,7 @@ import pytest
 
 from analyzer.cache import WatchCache
 from analyzer.scheduler import RESYNC_JOB_ID, CanaryScheduler
+from perch.names import LABEL_MANAGED_BY, LABEL_TRACK, MANAGED_BY_VALUE, TRACK_CANARY
 from perch.resources import CANARIES, DEPLOYMENTS, Kube
 from tests.standin import StandIn
 
@@ -367,7 +368,7 @@ def test_a_primary_change_runs_a_waiting_canarys_tick_at_once(
     waiting = {"podinfo"}
     scheduler, ticks = make_scheduler(
         interval_for=lambda obj: 30.0,
-        wake_on_primary=lambda obj: obj["metadata"]["name"] in waiting,
+        wake_on_rollout=lambda obj: obj["metadata"]["name"] in waiting,
     )
     scheduler.start()
     opted_in = {"perch.dev/enabled": "true"}
@@ -380,6 +381,35 @@ def test_a_primary_change_runs_a_waiting_canarys_tick_at_once(
         kube.merge_patch(DEPLOYMENTS, NS, name, {"metadata": {"labels": {"rolled": "out"}}})
     wait_until(lambda: ticks.started_after("test/podinfo", changed) != [])
     assert holds_for(lambda: ticks.started_after("test/other", changed) == [], 1.0)
+
+
+def test_a_change_of_the_canary_copy_runs_a_waiting_canarys_tick_at_once(
+    kube: Kube, cache, make_scheduler
+) -> None:
+    # A new revision waits for its canary's pods: its first step is due when they are ready, not
+    # up to an interval later. The copy carries no spec of its own: it wakes its primary's job.
+    waiting = {"podinfo"}
+    scheduler, ticks = make_scheduler(
+        interval_for=lambda obj: 30.0,
+        wake_on_rollout=lambda obj: obj["metadata"]["name"] in waiting,
+    )
+    scheduler.start()
+    opted_in = {"perch.dev/enabled": "true"}
+    for name in ("podinfo", "other"):
+        kube.create(CANARIES, NS, canary(name))
+        kube.create(DEPLOYMENTS, NS, deployment(name, annotations=opted_in))
+        copy = deployment(f"{name}-canary", annotations={})
+        copy["metadata"]["labels"] = {LABEL_MANAGED_BY: MANAGED_BY_VALUE, LABEL_TRACK: TRACK_CANARY}
+        kube.create(DEPLOYMENTS, NS, copy)
+    wait_until(lambda: ticks.count("test/podinfo") >= 1 and ticks.count("test/other") >= 1)
+    changed = time.monotonic()
+    for name in ("podinfo", "other"):
+        kube.merge_patch(
+            DEPLOYMENTS, NS, f"{name}-canary", {"metadata": {"labels": {"rolled": "out"}}}
+        )
+    wait_until(lambda: ticks.started_after("test/podinfo", changed) != [])
+    assert holds_for(lambda: ticks.started_after("test/other", changed) == [], 1.0)
+    assert set(scheduler.jobs()) == {"test/podinfo", "test/other"}
 
 
 def test_the_resync_job_reconciles_what_no_event_announced(kube: Kube, make_scheduler) -> None:

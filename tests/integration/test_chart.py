@@ -38,7 +38,7 @@ from kubernetes import client
 import analyzer.__main__ as analyzer_cli
 import certs.__main__ as certs_cli
 from analyzer.alerts import AlertProviderResolver
-from analyzer.cache import WatchCache
+from analyzer.cache import ROUTE_KINDS, WatchCache
 from analyzer.leader import LeaseElector
 from analyzer.metrics.base import ProviderSettings
 from analyzer.metrics.prometheus import PrometheusProvider
@@ -1174,6 +1174,8 @@ def run_analyzer(world: World, release: Release) -> None:
     cache = WatchCache(api, namespaces=args.namespace, backoff_initial=0.05, backoff_max=0.4)
     # As __main__ does: MetricTemplates in a watch cache of their own.
     template_cache = WatchCache(api, namespaces=args.namespace, kinds=("MetricTemplate",))
+    # And Perch's routes, so that a tick reads them without a GET.
+    route_cache = WatchCache(api, namespaces=args.namespace, kinds=ROUTE_KINDS)
     analyzer = Analyzer(
         kube=Kube(api, timeout=5.0),
         cache=cache,
@@ -1188,12 +1190,15 @@ def run_analyzer(world: World, release: Release) -> None:
             secrets=Kube(api, timeout=5.0),
             default=ProviderSettings(args.prometheus_url),
         ),
+        routes=route_cache,
     )
     cache.start()
     template_cache.start()
+    route_cache.start()
     try:
         assert cache.wait_synced(timeout=10)
         assert template_cache.wait_synced(timeout=10)
+        assert route_cache.wait_synced(timeout=10)
 
         def phase(ns: str) -> str:
             canary = world.obj("canaries", ns, "podinfo") or {}
@@ -1211,9 +1216,14 @@ def run_analyzer(world: World, release: Release) -> None:
                 analyzer.tick(ns, "podinfo")
             clock[0] += datetime.timedelta(seconds=2)
             time.sleep(0.2)  # the watch cache and the Deployment controller catch up
+        # A halt that lasts: the same event again counts on the first Event (a patch).
+        waiting = world.obj("canaries", promoted[0], "podinfo")
+        for _ in range(2):
+            analyzer.actor.events.record(waiting, reason="Waiting", message="Halt advancement")
     finally:
         cache.stop()
         template_cache.stop()
+        route_cache.stop()
         analyzer.notifications.close()
     for ns in promoted:
         primary = world.obj("deployments", ns, "podinfo")

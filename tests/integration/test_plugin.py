@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,10 @@ def test_status_namespace_before_or_after_the_subcommand(
     _create_canary(standin, "test", "Progressing")
     _create_canary(standin, "default", "Succeeded")
     assert main(["--kubeconfig", kubeconfig, *argv]) == 0
-    assert _rows(capsys.readouterr().out) == [["test", "podinfo", "Progressing"]]
+    # With a name: that release at a glance.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["Namespace:", "test"]
+    assert lines[2].split()[:2] == ["Phase:", "Progressing"]
 
 
 @pytest.mark.parametrize(
@@ -225,3 +229,54 @@ def test_all_namespaces_is_refused_where_it_means_nothing(
     assert "-A/--all-namespaces" in capsys.readouterr().err
     stored = standin.objects("deployments")[("deployments", "test", "podinfo")]
     assert "perch.dev/action" not in stored["metadata"]["annotations"]
+
+
+def test_status_of_one_release_reads_the_deployments_spec(
+    standin: StandIn, kubeconfig: str, capsys
+) -> None:
+    _deploy(standin)
+    _create_canary(standin, "test", "Progressing")
+    assert main(["--kubeconfig", kubeconfig, "-n", "test", "status", "podinfo"]) == 0
+    out = capsys.readouterr().out
+    # The seed: 5 % steps to 50 %, threshold 10, two metrics and a load test.
+    assert "Steps:          [0] 5 10 ... 50" in out
+    assert "Failed checks:  0/10" in out
+    assert "request-success-rate - >= 99% not measured yet" in [
+        " ".join(line.split()) for line in out.splitlines()
+    ]
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_status_output_for_scripts(standin: StandIn, kubeconfig: str, output: str, capsys) -> None:
+    _create_canary(standin, "test", "Progressing")
+    load = json.loads if output == "json" else yaml.safe_load
+    assert main(["--kubeconfig", kubeconfig, "-n", "test", "status", "podinfo", "-o", output]) == 0
+    canary = load(capsys.readouterr().out)
+    assert (canary["kind"], canary["metadata"]["name"]) == ("Canary", "podinfo")
+    assert canary["status"]["phase"] == "Progressing"
+    assert main(["--kubeconfig", kubeconfig, "-A", "status", "-o", output]) == 0
+    listed = load(capsys.readouterr().out)
+    assert (listed["kind"], [i["metadata"]["name"] for i in listed["items"]]) == (
+        "List",
+        ["podinfo"],
+    )
+
+
+def test_status_of_a_missing_canary(standin: StandIn, kubeconfig: str, capsys) -> None:
+    assert main(["--kubeconfig", kubeconfig, "-n", "test", "status", "nope"]) == 1
+    assert "canary test/nope not found" in capsys.readouterr().err
+
+
+def test_watch_needs_a_name(standin: StandIn, kubeconfig: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--kubeconfig", kubeconfig, "status", "-w"])
+    assert exit_.value.code == 2
+    assert "give its NAME" in capsys.readouterr().err
+
+
+def test_watch_of_a_release_that_already_ended_returns_its_verdict(
+    standin: StandIn, kubeconfig: str, capsys
+) -> None:
+    _create_canary(standin, "test", "Failed")
+    assert main(["--kubeconfig", kubeconfig, "-n", "test", "status", "-w", "podinfo"]) == 1
+    assert "Phase:" in capsys.readouterr().out

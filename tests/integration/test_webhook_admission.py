@@ -201,3 +201,44 @@ def test_malformed_review_is_400(cluster: Cluster):
     )
     assert response.status_code == 400
     assert "request.kind is missing" in response.json()["error"]
+
+
+def test_a_spawn_reads_in_one_round_trip_and_writes_after_its_commit_in_one_more(
+    cluster: Cluster,
+):
+    """Through a slow API server a spawn costs three round trips, not ten: the objects it reads
+    (Canary object, routes, canary Deployment, Service and HPA, the primary's HPA) side by side;
+    then the Canary object's spec, the decision's compare-and-swap, alone; then, once that held,
+    the Canary's status, the canary Deployment and its HPA side by side."""
+    seed(cluster)
+    for verb in ("get", "create", "update", "patch"):
+        cluster.standin.slow(verb, 0.3)
+    try:
+        first = len(cluster.standin.calls())
+        response, _ = cluster.update(set_image(IMAGE_NEW))
+        calls = [c for c in cluster.standin.calls()[first:] if c.namespace == cluster.ns]
+    finally:
+        for verb in ("get", "create", "update", "patch"):
+            cluster.standin.slow(verb, 0.0)
+    assert response["allowed"], response
+    assert cluster.obj("deployments", "podinfo-canary") is not None
+    assert cluster.obj("horizontalpodautoscalers", "podinfo-canary") is not None
+    assert cluster.canary()["status"]["canaryRevision"] == NEW_REV
+
+    def overlapping(group: list[Any]) -> bool:
+        return max(c.arrived for c in group) < min(c.answered for c in group)
+
+    shown = [(c.verb, c.resource, c.name, round(c.arrived, 2), round(c.answered, 2)) for c in calls]
+    reads = [c for c in calls if c.verb == "get"]
+    assert len(reads) >= 6 and overlapping(reads), shown
+    (commit,) = [c for c in calls if (c.verb, c.resource) == ("update", "canaries")]
+    after = [
+        c
+        for c in calls
+        if (c.verb, c.resource) in {("patch", "canaries/status"), ("create", "deployments")}
+        or (c.verb, c.resource) == ("create", "horizontalpodautoscalers")
+    ]
+    assert len(after) == 3, shown
+    assert commit.arrived >= max(c.answered for c in reads), shown
+    assert min(c.arrived for c in after) >= commit.answered, shown
+    assert overlapping(after), shown

@@ -108,12 +108,20 @@ class ControlPlane:
             )
         return done
 
-    def audit_events(self) -> Iterator[dict[str, Any]]:
-        """Every completed request the API server has logged so far."""
+    def audit_size(self) -> int:
+        """Where the audit log ends now: ``audit_events(since=...)`` reads what comes after."""
+        path = self.audit_log
+        return path.stat().st_size if path is not None else 0
+
+    def audit_events(self, *, since: int = 0) -> Iterator[dict[str, Any]]:
+        """Every completed request the API server has logged so far (after the ``since`` byte
+        of the log, an earlier ``audit_size()``; the API server starts a new log at 100 MB, and
+        a log shorter than ``since`` is read from its start)."""
         path = self.audit_log
         if path is None:
             return
         with path.open() as lines:
+            lines.seek(since if since <= path.stat().st_size else 0)
             for line in lines:
                 try:
                     event = json.loads(line)

@@ -164,8 +164,10 @@ class Release:
         return str(self.status().get("phase") or "")
 
     def events(self) -> list[str]:
-        """The messages of the Canary's Events, oldest first (as kubectl describe lists them)."""
-        return [e["message"] for e in self.event_objects()]
+        """The messages of the Canary's Events, oldest first (as kubectl describe lists them),
+        each as many times as it happened: a repeat updates the Event's count (analyzer.events)
+        and is listed where its last occurrence falls."""
+        return [e["message"] for e in self.event_objects() for _ in range(int(e.get("count") or 1))]
 
     def wait_events(self, *messages: str, deadline: float = 30.0) -> list[str]:
         """The events once all of `messages` are among them (events follow the status write

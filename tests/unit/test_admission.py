@@ -121,13 +121,35 @@ def test_pointer_escapes():
             "x",
             "request.object.spec.template.metadata.annotations must be",
         ),
+        # Found by the fuzz suite: the canary's Service is built from the containers' ports.
+        (
+            ("spec", "template", "spec", "containers", 0, "ports"),
+            True,
+            "request.object.spec.template.spec.containers[0].ports must be",
+        ),
+        (
+            ("spec", "template", "spec", "containers", 0, "ports", 0),
+            "http",
+            "request.object.spec.template.spec.containers[0].ports[0] must be",
+        ),
+        (
+            ("spec", "template", "spec", "containers"),
+            {"name": "x"},
+            "request.object.spec.template.spec.containers must be",
+        ),
+        (("spec", "replicas"), "2", "request.object.spec.replicas must be"),
+        (
+            ("spec", "selector", "matchLabels"),
+            {"app": None},
+            "request.object.spec.selector.matchLabels['app'] must be",
+        ),
     ],
 )
 def test_an_object_of_the_wrong_shape_is_malformed_naming_the_path(where, value, named):
     body = admission_review(operation="UPDATE", obj=podinfo(), old=podinfo())
     target = body["request"]["object"]
     for key in where[:-1]:
-        target = target.setdefault(key, {})
+        target = target[key] if isinstance(key, int) else target.setdefault(key, {})
     target[where[-1]] = value
     with pytest.raises(MalformedReview, match=re.escape(named)):
         parse_review(body)

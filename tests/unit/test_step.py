@@ -430,15 +430,21 @@ def test_a_failed_rollout_gate_is_a_failed_check() -> None:
 def test_confirm_traffic_increase_holds_the_weight_without_a_failed_check() -> None:
     gates = [hook("more", "confirm-traffic-increase"), hook("quiet", "confirm-traffic-increase")]
     world = World(spec(webhooks=gates), analysing(10), answers={"more": "fail"})
-    for _ in range(3):
+    for tick in range(3):
         actions = world.tick()
         assert "confirm-traffic-increase" in world.asked.gates
         assert (world.status.canary_weight, world.status.failed_checks) == (10, 0)
-        assert warnings(actions) == [
-            "Halt podinfo.test advancement waiting for traffic increase approval more"
-        ]
-        assert notified(actions) == ["halted"]
         assert not of(SetWeights, actions)
+        if tick == 0:
+            # The wait is announced when it begins, as the other confirm gates' are...
+            assert warnings(actions) == [
+                "Halt podinfo.test advancement waiting for traffic increase approval more"
+            ]
+            assert notified(actions) == ["halted"]
+        else:
+            # ...and then the canary waits without a write, an event or an alert: the gate is
+            # asked each interval, the metrics judged, and nothing else happens.
+            assert actions == ()
     # A muted gate still halts, without a notification.
     muted = World(
         spec(webhooks=[hook("quiet", "confirm-traffic-increase", muteAlert=True)]),
@@ -476,6 +482,44 @@ def test_confirm_promotion_waits_at_max_weight_and_keeps_judging_metrics() -> No
     assert world.status.phase == "Promoting"
     assert "Confirm-promotion check ship-it passed" in events(actions)
     assert of(PromoteTemplate, actions) == [PromoteTemplate(REV)]
+
+
+def test_waiting_for_approval_new_measurements_alone_write_nothing() -> None:
+    """A canary waiting for promotion approval is judged every interval, and live metrics never
+    measure the same twice: new values of checks that still pass are no reason to write the
+    status (they are recorded with the next change), a check whose outcome changed is."""
+    world = World(
+        spec(
+            webhooks=[hook("ship-it", "confirm-promotion")],
+            metrics=[
+                {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+                {"name": "request-duration", "thresholdRange": {"max": 500}, "onNoData": "pass"},
+            ],
+        ),
+        analysing(30),
+        answers={"ship-it": "fail"},
+    )
+    world.tick()
+    assert world.status.phase == "WaitingPromotion"
+    recorded = world.status.last_checks
+    assert [check.value for check in recorded] == [99.9, 120.0]
+    for rate, duration in ((99.5, 131.0), (99.97, 87.5), (100.0, 240.0)):
+        world.metrics = {
+            "request-success-rate": MetricResult(
+                "request-success-rate", "pass", rate, f"success rate {rate:.2f}%"
+            ),
+            "request-duration": MetricResult(
+                "request-duration", "pass", duration, f"request duration {duration:g}ms"
+            ),
+        }
+        assert world.tick() == ()  # no CommitStatus: nothing to write
+        assert world.status.last_checks == recorded
+    # The duration goes quiet (onNoData: pass): still passing, but an outcome changed.
+    world.metrics["request-duration"] = MetricResult("request-duration", "no-data", None, "")
+    actions = world.tick()
+    assert actions == (CommitStatus(),)
+    assert [c.outcome for c in world.status.last_checks] == ["pass", "no-data"]
+    assert world.status.last_checks[0].value == 100.0  # the values of that interval
 
 
 @pytest.mark.parametrize(
@@ -1252,9 +1296,9 @@ def test_confirm_traffic_increase_past_max_wait_with_wait_keeps_waiting() -> Non
         "1m (onTimeout: wait), still waiting for approval"
     )
     announced = []
-    for _ in range(40):  # 20 minutes
+    for tick in range(40):  # 20 minutes
         actions = world.tick()
-        assert halt in warnings(actions)
+        assert (halt in warnings(actions)) == (tick == 0)  # once, when the wait began
         if timed_out in warnings(actions):
             announced.append(elapsed(world))
         assert world.status.phase == "Progressing"
