@@ -360,34 +360,9 @@ def test_a_deployment_change_reschedules_its_canary(kube: Kube, cache, make_sche
     wait_until(lambda: scheduler.jobs() == {})
 
 
-def test_a_primary_change_runs_a_waiting_canarys_tick_at_once(
-    kube: Kube, cache, make_scheduler
-) -> None:
-    # A promotion waits for the primary's rollout: its next tick is due when the rollout ends,
-    # not up to an interval later. A canary not waiting for it keeps its rhythm.
-    waiting = {"podinfo"}
-    scheduler, ticks = make_scheduler(
-        interval_for=lambda obj: 30.0,
-        wake_on_rollout=lambda obj: obj["metadata"]["name"] in waiting,
-    )
-    scheduler.start()
-    opted_in = {"perch.dev/enabled": "true"}
-    for name in ("podinfo", "other"):
-        kube.create(CANARIES, NS, canary(name))
-        kube.create(DEPLOYMENTS, NS, deployment(name, annotations=opted_in))
-    wait_until(lambda: ticks.count("test/podinfo") >= 1 and ticks.count("test/other") >= 1)
-    changed = time.monotonic()
-    for name in ("podinfo", "other"):
-        kube.merge_patch(DEPLOYMENTS, NS, name, {"metadata": {"labels": {"rolled": "out"}}})
-    wait_until(lambda: ticks.started_after("test/podinfo", changed) != [])
-    assert holds_for(lambda: ticks.started_after("test/other", changed) == [], 1.0)
-
-
-def test_a_change_of_the_canary_copy_runs_a_waiting_canarys_tick_at_once(
-    kube: Kube, cache, make_scheduler
-) -> None:
-    # A new revision waits for its canary's pods: its first step is due when they are ready, not
-    # up to an interval later. The copy carries no spec of its own: it wakes its primary's job.
+def wake_when_changed(kube: Kube, make_scheduler, changed_suffix: str) -> None:
+    """Two canaries at a 30 s interval, "podinfo" waiting for a rollout: a change of the
+    Deployment named ``<canary><changed_suffix>`` runs podinfo's tick at once and not other's."""
     waiting = {"podinfo"}
     scheduler, ticks = make_scheduler(
         interval_for=lambda obj: 30.0,
@@ -405,11 +380,27 @@ def test_a_change_of_the_canary_copy_runs_a_waiting_canarys_tick_at_once(
     changed = time.monotonic()
     for name in ("podinfo", "other"):
         kube.merge_patch(
-            DEPLOYMENTS, NS, f"{name}-canary", {"metadata": {"labels": {"rolled": "out"}}}
+            DEPLOYMENTS, NS, f"{name}{changed_suffix}", {"metadata": {"labels": {"rolled": "out"}}}
         )
     wait_until(lambda: ticks.started_after("test/podinfo", changed) != [])
     assert holds_for(lambda: ticks.started_after("test/other", changed) == [], 1.0)
     assert set(scheduler.jobs()) == {"test/podinfo", "test/other"}
+
+
+def test_a_primary_change_runs_a_waiting_canarys_tick_at_once(
+    kube: Kube, cache, make_scheduler
+) -> None:
+    # A promotion waits for the primary's rollout: its next tick is due when the rollout ends,
+    # not up to an interval later. A canary not waiting for it keeps its rhythm.
+    wake_when_changed(kube, make_scheduler, "")
+
+
+def test_a_change_of_the_canary_copy_runs_a_waiting_canarys_tick_at_once(
+    kube: Kube, cache, make_scheduler
+) -> None:
+    # A new revision waits for its canary's pods: its first step is due when they are ready, not
+    # up to an interval later. The copy carries no spec of its own: it wakes its primary's job.
+    wake_when_changed(kube, make_scheduler, "-canary")
 
 
 def test_the_resync_job_reconciles_what_no_event_announced(kube: Kube, make_scheduler) -> None:
