@@ -35,7 +35,8 @@ measured:
 - from the audit log (the bytes written during the window): every request of the analyzer's
   identity (``system:serviceaccount:perch:perch-analyzer``) by verb and resource, per tick and
   per canary and interval; requests of every other identity, for context;
-- the mean weight every canary gained.
+- the weight every canary gained: the mean, and its spread (min, p10, p50, p90, max), which says
+  whether the ticks that ran were shared fairly when not all of them could.
 
 A baseline is measured in the same run first: the analyzer with no canary in its namespaces.
 Ratios are against it (the machine is shared: absolute figures of different runs do not compare).
@@ -526,6 +527,19 @@ def run_case(
             if k in weights_end
         ]
         result["weight_gained_mean"] = sum(gained) / len(gained) if gained else 0.0
+        # Fairness when not every tick runs: does every canary advance, or do some starve?
+        ranked = sorted(gained)
+        result["weight_gained_spread"] = (
+            {
+                "min": ranked[0],
+                "p10": ranked[len(ranked) // 10],
+                "p50": ranked[len(ranked) // 2],
+                "p90": ranked[(len(ranked) * 9) // 10],
+                "max": ranked[-1],
+            }
+            if ranked
+            else {}
+        )
         result["phases_end"] = dict(Counter(str(v["phase"]) for v in weights_end.values()))
         result["analyzer_ready_s"] = ready_s
         result["analyzer_errors_logged"] = sum(
@@ -780,7 +794,8 @@ def verdicts(cases: Sequence[dict[str, Any]]) -> list[str]:
             f"{c['canaries']} canaries: tick lag p99 {c['lag_p99_s']:.2f}s "
             f"({'meets' if lag_ok else 'misses'} < {GOAL_LAG_P99_S:g}s), peak RSS "
             f"{c['analyzer_peak_rss_mb']:.0f} MB ({'meets' if rss_ok else 'misses'} < "
-            f"{GOAL_RSS_MB:g} MB), GETs in the window {gets}"
+            f"{GOAL_RSS_MB:g} MB), GETs in the window {gets}, weight gained per canary "
+            f"{c['weight_gained_mean']:.1f} (spread {c.get('weight_gained_spread') or '-'})"
         )
     return out
 
