@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     telemetry.watch_lags(scheduler.tick_lags)
+    telemetry.watch_dropped_ticks(scheduler.dropped_ticks)
     # Read only (it counts them): the cached objects themselves, not a copy of each per scrape.
     telemetry.watch_canaries(lambda: cache.select(lambda canary: canary))
 

@@ -442,6 +442,11 @@ class CanaryScheduler:
         with self._stats_lock:
             return list(self._durations)
 
+    def dropped_ticks(self) -> dict[str, int]:
+        """Runs that did not happen, by reason: ``late`` (missed) and ``overlapping`` (skipped)."""
+        with self._stats_lock:
+            return {"late": self._missed, "overlapping": self._skipped}
+
     def stats(self) -> SchedulerStats:
         jobs = len(self.jobs())
         with self._stats_lock:

@@ -74,6 +74,15 @@ class Telemetry:
         """Export the scheduler's recent tick lags (start minus scheduled time) as quantiles."""
         self.registry.register(_TickLags(lags))
 
+    def watch_dropped_ticks(self, dropped: Callable[[], Mapping[str, int]]) -> None:
+        """Export perch_analyzer_ticks_dropped_total{reason} from the scheduler's own counts.
+
+        The sign of an analyzer that cannot keep up (too many canaries progressing at once for
+        the API server it writes to, docs/operations.md "Capacity"): ticks that ran (the
+        ticks_total counter) and the ticks that did not, side by side.
+        """
+        self.registry.register(_DroppedTicks(dropped))
+
     def record_canary(
         self, *, name: str, namespace: str, phase: str, weight: int, failed: int
     ) -> None:
@@ -128,6 +137,22 @@ class _CanaryTotals(Collector):
             counts[namespace] = counts.get(namespace, 0) + 1
         for namespace, count in sorted(counts.items()):
             family.add_metric([namespace], count)
+        yield family
+
+
+class _DroppedTicks(Collector):
+    def __init__(self, dropped: Callable[[], Mapping[str, int]]):
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "perch_analyzer_ticks_dropped",
+            "Ticks not run: late (a worker was free only after the misfire grace, and the next "
+            "tick is due) or overlapping (the canary's previous tick was still running)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._dropped().items()):
+            family.add_metric([reason], count)
         yield family
 
 

@@ -352,6 +352,7 @@ def test_metrics_endpoint_reports_canary_state(rollout: Rollout) -> None:
     assert re.search(rf'perch_canary_total{{namespace="{rollout.namespace}"}} 1\.0', text), text
     assert "perch_analyzer_prometheus_queries_total" in text
     assert "perch_analyzer_tick_lag_seconds" in text
+    assert 'perch_analyzer_ticks_dropped_total{reason="late"}' in text
     assert "perch_analyzer_ticks_total" in text
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200

@@ -18,15 +18,18 @@ Intervals are 0.2-0.5 s; assertions count ticks with generous bounds and never p
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from analyzer.cache import WatchCache
 from analyzer.scheduler import RESYNC_JOB_ID, CanaryScheduler
+from analyzer.telemetry import Telemetry
 from perch.names import LABEL_MANAGED_BY, LABEL_TRACK, MANAGED_BY_VALUE, TRACK_CANARY
 from perch.resources import CANARIES, DEPLOYMENTS, Kube
 from tests.standin import StandIn
@@ -264,6 +267,15 @@ def test_a_slow_tick_never_overlaps_itself(kube: Kube, make_scheduler) -> None:
     assert ticks.max_running["test/podinfo"] == 1
     assert 2 <= ticks.count("test/podinfo") <= 4
     assert scheduler.stats().skipped >= 3  # the runs that fell inside a running tick
+    # and /metrics says so, as the analyzer exports it
+    telemetry = Telemetry()
+    telemetry.watch_dropped_ticks(scheduler.dropped_ticks)
+    text = generate_latest(telemetry.registry).decode()
+    overlapping = re.search(
+        r'perch_analyzer_ticks_dropped_total\{reason="overlapping"\} (\S+)', text
+    )
+    assert overlapping and float(overlapping.group(1)) >= 3, text
+    assert 'perch_analyzer_ticks_dropped_total{reason="late"} 0.0' in text, text
 
 
 def test_runs_missed_during_a_pause_are_coalesced(kube: Kube, make_scheduler) -> None:

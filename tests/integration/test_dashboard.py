@@ -105,6 +105,8 @@ def perch_openmetrics() -> tuple[str, dict[str, set[str]]]:
         kubernetes=lambda: dict(kube_calls), prometheus=lambda: prometheus_queries[0]
     )
     telemetry.watch_lags(lambda: list(lags))
+    dropped = {"late": 0, "overlapping": 0}
+    telemetry.watch_dropped_ticks(lambda: dict(dropped))
     telemetry.watch_canaries(
         lambda: [{"metadata": {"namespace": ns, "name": name}} for ns, name in CANARIES]
     )
@@ -126,6 +128,8 @@ def perch_openmetrics() -> tuple[str, dict[str, set[str]]]:
         prometheus_queries[0] += 2
         lags.append(0.001 * (step % 7))
         del lags[:-100]
+        dropped["late"] += step % 2
+        dropped["overlapping"] += 1 if step % 5 == 0 else 0
         observe_request(decision="observe", seconds=0.004)
         observe_request(decision="not-opted-in", seconds=0.001)
         at = start + step * STEP_SECONDS
