@@ -46,7 +46,7 @@ from perch.revision import template_revision
 from perch.routers import RouteTarget, router_for
 from perch.spec import CanarySpec, Metric, SpecError, WebhookType
 from perch.speccache import cached_parse_spec
-from perch.status import CanaryStatus, Phase, entered
+from perch.status import CanaryStatus, Phase, entered, wire_holds_slot
 
 log = logging.getLogger("perch.analyzer")
 
@@ -468,7 +468,7 @@ class Analyzer:
             meta = obj.get("metadata") or {}
             if (meta.get("namespace"), meta.get("name")) == (namespace, name):
                 return None
-            return CanaryStatus.from_wire(obj.get("status")).holds_slot or None
+            return wire_holds_slot(obj.get("status")) or None
 
         return len(self.cache.select(pick))
 

@@ -2,7 +2,8 @@
 
     flock /tmp/perch-bench.lock .venv/bin/python benchmarks/analyzer_on_cluster.py \
         [--canaries 100,500,1000] [--interval 10] [--duration 60] [--namespaces 10] \
-        [--step-weight 1] [--max-weight 99] [--analyzer-code DIR] [--profile DIR] [--out FILE]
+        [--step-weight 1] [--max-weight 99] [--max-active 0] [--analyzer-code DIR] \
+        [--profile DIR] [--out FILE]
 
 Real parts: etcd, kube-apiserver and kube-controller-manager v1.36 (``../shared/kube``, or
 ``PERCH_KUBE_ASSETS``) with their audit log; Perch installed as the cluster tier installs it (the
@@ -484,10 +485,12 @@ def run_case(
     profile: Path | None,
     py_spy: str | None,
     label: str = "",
+    max_active: int = 0,
 ) -> dict[str, Any]:
     directory = w.work / f"case-{canaries}{'-' + label if label else ''}"
     directory.mkdir(parents=True, exist_ok=True)
     analyzer = Analyzer(
+        extra=("--max-active", str(max_active)) if max_active else (),
         directory=directory,
         kubeconfig=w.installed.analyzer.kubeconfig,
         prometheus_url=w.prometheus.url,
@@ -819,6 +822,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-weight", type=int, default=1)
     parser.add_argument("--max-weight", type=int, default=99)
     parser.add_argument(
+        "--max-active",
+        type=int,
+        default=0,
+        help="the analyzer's global cap (0: none): the rest of the canaries wait in the queue",
+    )
+    parser.add_argument(
         "--analyzer-code",
         type=Path,
         default=REPO,
@@ -912,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         profile=args.profile,
                         py_spy=args.py_spy,
                         label=label,
+                        max_active=args.max_active,
                     )
                     case["setup_seconds"] = round(setup, 1)
                     results["cases"].append(case)
