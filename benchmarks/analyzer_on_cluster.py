@@ -52,7 +52,6 @@ timings are not results.
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -86,12 +85,11 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from perch.kube import load_api_client  # noqa: E402
 from tests.seed import IMAGE_NEW  # noqa: E402
 from tests.support import controlplane  # noqa: E402
-from tests.support.install import Installed, install  # noqa: E402
+from tests.support.install import Installed, install, register_webhook, wait_registered  # noqa: E402
 from tests.support.kubelet import FakeKubelet  # noqa: E402
 from tests.support.prometheus import PrometheusServer, missing_binaries  # noqa: E402
 from tests.support.release import rolled_out  # noqa: E402
 from tests.support.webhook_server import PERCH_APP, Server, start_server  # noqa: E402
-from webhook.registration import registration  # noqa: E402
 
 HOST = "127.0.0.1"
 SETUP_WORKERS = 8
@@ -164,15 +162,15 @@ def world(work: Path, flows: Sequence[tuple[str, str]]) -> Iterator[World]:
         server = start_server(
             work / "webhook", app=PERCH_APP, env={"KUBECONFIG": str(installed.webhook.kubeconfig)}
         )
-        config = registration(
+        register_webhook(
+            api,
             namespace=installed.release.namespace,
-            url=f"https://{HOST}:{server.port}/mutate",
-            ca_bundle=base64.b64encode(server.certs.ca.read_bytes()).decode(),
+            host=HOST,
+            port=server.port,
+            ca=server.certs.ca,
             name="zz-perch-bench.perch.dev",
-            timeout_seconds=10,
         )
-        client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(config)
-        time.sleep(2)  # registration is picked up asynchronously; a benchmark may wait
+        wait_registered(api)
         yield World(
             work=work,
             session=session,

@@ -25,7 +25,6 @@ Prints one line per run and a JSON summary; results go to benchmarks/seed_on_clu
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import statistics
 import sys
@@ -45,13 +44,12 @@ from perch.kube import load_api_client  # noqa: E402
 from perch.revision import template_revision  # noqa: E402
 from tests.seed import IMAGE_NEW  # noqa: E402
 from tests.support import controlplane  # noqa: E402
-from tests.support.install import install  # noqa: E402
+from tests.support.install import install, register_webhook, wait_registered  # noqa: E402
 from tests.support.kubelet import FakeKubelet  # noqa: E402
 from tests.support.mesh import IstioExporter  # noqa: E402
 from tests.support.prometheus import PrometheusServer  # noqa: E402
 from tests.support.release import Perch, Release, rolled_out, seed_spec  # noqa: E402
 from tests.support.webhook_server import PERCH_APP, start_server  # noqa: E402
-from webhook.registration import registration  # noqa: E402
 
 
 class Timeline:
@@ -200,15 +198,15 @@ def main() -> int:
         server = start_server(
             work / "webhook", app=PERCH_APP, env={"KUBECONFIG": str(installed.webhook.kubeconfig)}
         )
-        config = registration(
-            namespace="perch",
-            url=f"https://127.0.0.1:{server.port}/mutate",
-            ca_bundle=base64.b64encode(server.certs.ca.read_bytes()).decode(),
+        config = register_webhook(
+            api,
+            namespace=installed.release.namespace,
+            host="127.0.0.1",
+            port=server.port,
+            ca=server.certs.ca,
             name="zz-perch-bench.perch.dev",
-            timeout_seconds=10,
         )
-        client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(config)
-        time.sleep(2)  # registration is picked up asynchronously; a benchmark may wait
+        wait_registered(api)
         perch = Perch(
             plane, api, installed, server, config["metadata"]["name"], exporter, prometheus, kubelet
         )

@@ -13,9 +13,7 @@ Without a control plane every test here is skipped, and the reason says how to g
 
 from __future__ import annotations
 
-import base64
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,18 +24,16 @@ from kubernetes.client.exceptions import ApiException
 
 from perch.kube import load_api_client
 from tests.support import controlplane, secrets
-from tests.support.install import install
+from tests.support.install import install, register_webhook, wait_registered
 from tests.support.kubelet import FakeKubelet
 from tests.support.mesh import IstioExporter
 from tests.support.prometheus import PrometheusServer, missing_binaries
 from tests.support.release import Perch, Release
 from tests.support.webhook_server import PERCH_APP, Server, start_server
-from webhook.registration import registration
 
 # Where the API server reaches the webhook process: this host, unless the cluster runs elsewhere
 # (kind: the Docker bridge's address, e.g. 172.18.0.1).
 HOST = os.environ.get("PERCH_TEST_WEBHOOK_HOST", "127.0.0.1")
-REGISTERED_DEADLINE = 60.0
 
 
 @pytest.fixture(scope="session")
@@ -101,51 +97,21 @@ def webhook(
     key = server.certs.key.read_text()
     secrets.remember(*[line for line in key.splitlines() if "-----" not in line])
     name = f"zz-perch-test-{uuid.uuid4().hex[:6]}.perch.dev"
-    config = registration(
+    register_webhook(
+        api,
         namespace=installed.release.namespace,
-        url=f"https://{HOST}:{server.port}/mutate",
-        ca_bundle=base64.b64encode(server.certs.ca.read_bytes()).decode(),
+        host=HOST,
+        port=server.port,
+        ca=server.certs.ca,
         name=name,
-        timeout_seconds=10,
     )
     adm = client.AdmissionregistrationV1Api(api)
-    adm.create_mutating_webhook_configuration(config)
     try:
-        _wait_registered(api)
+        wait_registered(api)
         yield server, name
     finally:
         adm.delete_mutating_webhook_configuration(name)
         server.terminate()
-
-
-def _wait_registered(api: client.ApiClient) -> None:
-    """The API server picks up a new webhook configuration asynchronously: wait until it calls
-    Perch (an opted-in Deployment with an invalid spec is then denied), instead of sleeping."""
-    probe = {
-        "metadata": {
-            "name": "registration-probe",
-            "annotations": {"perch.dev/enabled": "true", "perch.dev/spec": "analysis: [1"},
-        },
-        "spec": {
-            "selector": {"matchLabels": {"app": "probe"}},
-            "template": {
-                "metadata": {"labels": {"app": "probe"}},
-                "spec": {"containers": [{"name": "c", "image": "probe"}]},
-            },
-        },
-    }
-    apps = client.AppsV1Api(api)
-    deadline = time.monotonic() + REGISTERED_DEADLINE
-    while True:
-        try:
-            apps.create_namespaced_deployment("default", probe, dry_run="All")
-        except ApiException as exc:
-            if exc.status == 403 and "perch" in (exc.body or ""):
-                return
-            raise
-        if time.monotonic() > deadline:
-            raise AssertionError("the API server never called the registered webhook")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

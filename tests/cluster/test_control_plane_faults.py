@@ -10,7 +10,6 @@ take the webhook down.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,14 +21,13 @@ from kubernetes import client
 from perch.kube import load_api_client
 from tests.seed import IMAGE_NEW
 from tests.support import controlplane
-from tests.support.install import install
+from tests.support.install import install, register_webhook
 from tests.support.kubelet import FakeKubelet
 from tests.support.mesh import IstioExporter
 from tests.support.prometheus import PrometheusServer
 from tests.support.relay import Cable
 from tests.support.release import Perch, Release, seed_spec
 from tests.support.webhook_server import PERCH_APP, start_server
-from webhook.registration import registration
 
 PLAIN = """\
 apiVersion: apps/v1
@@ -74,14 +72,15 @@ class Stack:
             env={"KUBECONFIG": str(self.installed.webhook.kubeconfig)},
         )
         self.webhook_relay = Cable(self.webhook.port)
-        config = registration(
+        config = register_webhook(
+            self.api,
             namespace=self.installed.release.namespace,
-            url=f"https://127.0.0.1:{self.webhook_relay.port}/mutate",
-            ca_bundle=base64.b64encode(self.webhook.certs.ca.read_bytes()).decode(),
+            host="127.0.0.1",
+            port=self.webhook_relay.port,
+            ca=self.webhook.certs.ca,
             name="zz-perch-faults.perch.dev",
             timeout_seconds=5,
         )
-        client.AdmissionregistrationV1Api(self.api).create_mutating_webhook_configuration(config)
         self.perch = Perch(
             plane=self.plane,
             api=self.api,

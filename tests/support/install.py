@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.support import secrets
 from tests.support.chart import NAMESPACE, RELEASE, Release, render
 from tests.validation import SCHEMAS
+from webhook.registration import registration
 
 MESH_CRDS = (
     "istio-1.30.3-virtualservices.networking.istio.io.yaml",
@@ -213,3 +214,60 @@ def install(
             out=directory / "analyzer.kubeconfig",
         ),
     )
+
+
+REGISTERED_DEADLINE = 60.0
+
+
+def register_webhook(
+    api: client.ApiClient,
+    *,
+    namespace: str,
+    host: str,
+    port: int,
+    ca: Path,
+    name: str,
+    timeout_seconds: int = 10,
+) -> dict[str, Any]:
+    """Perch's MutatingWebhookConfiguration as the chart makes it, pointed by URL at a
+    perch-webhook on this host (the API server runs here too), created and returned. The API
+    server takes it up asynchronously: :func:`wait_registered` waits for that."""
+    config = registration(
+        namespace=namespace,
+        url=f"https://{host}:{port}/mutate",
+        ca_bundle=base64.b64encode(ca.read_bytes()).decode(),
+        name=name,
+        timeout_seconds=timeout_seconds,
+    )
+    client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(config)
+    return config
+
+
+def wait_registered(api: client.ApiClient) -> None:
+    """The API server picks up a new webhook configuration asynchronously: wait until it calls
+    Perch (an opted-in Deployment with an invalid spec is then denied), instead of sleeping."""
+    probe = {
+        "metadata": {
+            "name": "registration-probe",
+            "annotations": {"perch.dev/enabled": "true", "perch.dev/spec": "analysis: [1"},
+        },
+        "spec": {
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {
+                "metadata": {"labels": {"app": "probe"}},
+                "spec": {"containers": [{"name": "c", "image": "probe"}]},
+            },
+        },
+    }
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + REGISTERED_DEADLINE
+    while True:
+        try:
+            apps.create_namespaced_deployment("default", probe, dry_run="All")
+        except ApiException as exc:
+            if exc.status == 403 and "perch" in (exc.body or ""):
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise AssertionError("the API server never called the registered webhook")
+        time.sleep(0.2)
