@@ -45,7 +45,7 @@ from certs.issue import IssuedCertificate, write_files
 from perch.kube import load_api_client, response_json
 from tests.support.chart import Access, Release, Use, render
 from tests.support.controlplane import ControlPlane, repoint
-from tests.support.install import apply, kubeconfig_for
+from tests.support.install import apply, kubeconfig_for, opted_in_deployment
 from tests.support.kubelet import wait_for
 from tests.support.relay import splice
 from tests.support.webhook_server import (
@@ -364,22 +364,6 @@ def start_webhook(
         server.terminate()
         raise
     return server
-
-
-def opted_in_deployment(name: str) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "annotations": {"perch.dev/enabled": "true", "perch.dev/spec": "analysis: [1"},
-        },
-        "spec": {
-            "selector": {"matchLabels": {"app": "probe"}},
-            "template": {
-                "metadata": {"labels": {"app": "probe"}},
-                "spec": {"containers": [{"name": "c", "image": "probe"}]},
-            },
-        },
-    }
 
 
 @dataclass(frozen=True)

@@ -243,12 +243,11 @@ def register_webhook(
     return config
 
 
-def wait_registered(api: client.ApiClient) -> None:
-    """The API server picks up a new webhook configuration asynchronously: wait until it calls
-    Perch (an opted-in Deployment with an invalid spec is then denied), instead of sleeping."""
-    probe = {
+def opted_in_deployment(name: str) -> dict[str, Any]:
+    """An opted-in Deployment whose spec does not parse: Perch denies it, and only Perch."""
+    return {
         "metadata": {
-            "name": "registration-probe",
+            "name": name,
             "annotations": {"perch.dev/enabled": "true", "perch.dev/spec": "analysis: [1"},
         },
         "spec": {
@@ -259,6 +258,12 @@ def wait_registered(api: client.ApiClient) -> None:
             },
         },
     }
+
+
+def wait_registered(api: client.ApiClient) -> None:
+    """The API server picks up a new webhook configuration asynchronously: wait until it calls
+    Perch (an opted-in Deployment with an invalid spec is then denied), instead of sleeping."""
+    probe = opted_in_deployment("registration-probe")  # its spec is invalid
     apps = client.AppsV1Api(api)
     deadline = time.monotonic() + REGISTERED_DEADLINE
     while True:
